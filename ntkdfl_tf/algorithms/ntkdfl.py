@@ -22,28 +22,34 @@ class NTKDFL(base.Algorithm):
     Args:
         learning_rate: grid step eta; a float or a callable ``round -> float``.
         taus: increasing candidate evolution times, in grid steps.
-        loss: ``"cross_entropy"`` (Euler flow, step from lambda_max) or ``"mse"`` (closed form).
+        loss: ``"cross_entropy"`` (Euler flow, step from lambda_max) or ``"mse"`` (closed form
+            through the eigenbasis of H).
         kernel: traced-NTK implementation, see ``ntkdfl_tf.kernels`` (``"auto"`` by default).
         per_round_averaging: False for the ablation without neighbour averaging.
         order: ``"synchronous"`` (every client averages, then every client evolves: what a real
             deployment does) or ``"sequential"`` (the reference's older in-place order).
         client_batch: clients evolved together in one TensorFlow call. 1 by default: on CPU,
-            TensorFlow's batched (N x N)(N x C) products make the flow slower per client (at
-            N = 1194: 0.69 s per client alone, 2.6 s per client in batches of 4 or 10). A batch
-            shares one Euler step size, the finest any of its clients needs.
+            TensorFlow's batched (N x N)(N x C) products make the unbatched flow slower per
+            client (N = 1194: 0.52 s per client alone, 0.61 s in XLA-compiled batches of 4).
+            With ``jacobian_batches`` > 1 (N ~ 200 per slice) batches of 30-60 under
+            ``jit_compile`` are fastest. A batch shares one Euler step size, the finest any of
+            its clients needs.
         jacobian_chunk: samples per Jacobian chunk for ``kernel="explicit"`` (bounds memory).
         jacobian_batches: the reference's Jacobian batching ``m``. Each round every client's
             samples are shuffled and dealt into m slices; slice k of a neighbourhood is slice k
             of every member. The weights then evolve slice after slice, each slice with its own
             kernel, flow and tau, the Jacobians (kernel and VJP) taken at the round's averaged
             weights and the outputs at the current weights. Kernel and flow cost fall ~m-fold.
+        jit_compile: compile the flow, candidate updates and tau choice with XLA (fuses the
+            Euler step's element-wise work; 2-3x faster for batched clients on CPU).
     """
 
     name = "ntk_dfl"
 
     def __init__(self, learning_rate=0.01, taus=(100, 200, 300, 400, 500, 600, 800),
                  loss="cross_entropy", kernel="auto", per_round_averaging=True,
-                 order="synchronous", client_batch=1, jacobian_chunk=128, jacobian_batches=1):
+                 order="synchronous", client_batch=1, jacobian_chunk=128, jacobian_batches=1,
+                 jit_compile=False):
         taus = tuple(int(t) for t in np.atleast_1d(taus))
         if not taus or taus[0] < 1 or any(b <= a for a, b in zip(taus, taus[1:])):
             raise ValueError(f"taus must be positive and strictly increasing, got {taus}; "
@@ -65,6 +71,7 @@ class NTKDFL(base.Algorithm):
         if not callable(learning_rate):
             base.learning_rate_at(learning_rate, 0)  # validates now rather than at round 0
         self.jacobian_batches = int(jacobian_batches)
+        self.jit_compile = bool(jit_compile)
         self.learning_rate = learning_rate
         self.taus = taus
         self.loss = loss
@@ -80,7 +87,8 @@ class NTKDFL(base.Algorithm):
         if self._built_for is not fns:
             self._kernel = kernels.make_kernel(fns, self.kernel, chunk=self.jacobian_chunk)
             self._fns = fns
-            self._evolve = tf.function(self._evolve_group, reduce_retracing=True)
+            self._evolve = tf.function(self._evolve_group, reduce_retracing=True,
+                                       jit_compile=self.jit_compile)
             self._built_for = fns
         return {}
 

@@ -11,7 +11,8 @@ kinds:
 
 from ntkdfl_tf.kernels.dense import DenseNTK
 from ntkdfl_tf.kernels.explicit import ExplicitNTK, jacobian
-from ntkdfl_tf.kernels.flow import euler_flow, euler_substeps, lambda_max, mse_closed_form
+from ntkdfl_tf.kernels.flow import (as_operator, euler_flow, euler_substeps, lambda_max,
+                                    mse_closed_form)
 
 KERNELS = {"dense": DenseNTK, "explicit": ExplicitNTK}
 
