@@ -243,3 +243,23 @@ class DecentralizedTrainer:
                 "val_client_mean_accuracy": float(client_acc.mean()),
                 "val_client_min_accuracy": float(client_acc.min()),
                 "val_client_max_accuracy": float(client_acc.max())}
+
+    def tracing_counts(self):
+        """How often each ``tf.function`` of the trainer, its algorithm and kernel has been traced.
+
+        A count that grows after the first round means retracing (new shapes or Python values
+        reaching a ``tf.function``), which costs seconds per round.
+
+        Returns:
+            Dict ``"owner.attribute" -> traces``.
+        """
+        owners = {"trainer": self, "algorithm": self.algorithm}
+        kernel = getattr(self.algorithm, "_kernel", None)
+        if kernel is not None:
+            owners["kernel"] = kernel
+        counts = {}
+        for owner_name, owner in owners.items():
+            for name, value in vars(owner).items():
+                if hasattr(value, "experimental_get_tracing_count"):
+                    counts[f"{owner_name}.{name}"] = int(value.experimental_get_tracing_count())
+        return counts

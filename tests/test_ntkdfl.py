@@ -1,5 +1,6 @@
 """NTK-DFL round semantics: averaging, ablation, sequential order, isolated clients, seeds."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -55,6 +56,39 @@ def test_client_batch_does_not_change_results(tiny):
     b, _ = _fit(clients, test, client_batch=3)
     for x, y in zip(a.client_weights, b.client_weights):
         np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
+
+
+def test_jit_compile_matches_eager(tiny):
+    """XLA-compiled evolution gives the eager result (same client batches, so same Euler step)."""
+    clients, test = tiny
+    a, _ = _fit(clients, test, jacobian_batches=2, client_batch=4)
+    b, _ = _fit(clients, test, jacobian_batches=2, client_batch=4, jit_compile=True)
+    for x, y in zip(a.client_weights, b.client_weights):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=2e-5)
+
+
+class _TraceCounts(keras.callbacks.Callback):
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer, self.counts = trainer, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.counts.append(self.trainer.tracing_counts())
+
+
+@pytest.mark.parametrize("algorithm", [
+    nd.algorithms.NTKDFL(taus=(20, 50)),
+    nd.algorithms.NTKDFL(taus=(20, 50), jacobian_batches=3, client_batch=3, jit_compile=True),
+    nd.algorithms.get("dfedavg", local_epochs=1)], ids=["ntk_dfl", "ntk_dfl_m3_jit", "dfedavg"])
+def test_no_retracing_after_the_first_round(tiny, algorithm):
+    """New graphs each round (different neighbourhoods, eta) reuse the first round's traces."""
+    clients, test = tiny
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, algorithm, nd.topology.RandomGraph(3))
+    counter = _TraceCounts(trainer)
+    trainer.fit(clients, rounds=3, validation_data=test, callbacks=[counter], verbose=0)
+    first, last = counter.counts[0], counter.counts[-1]
+    assert sum(first.values()) >= 2  # the algorithm's and the evaluation's functions are seen
+    assert last == first
 
 
 def test_isolated_clients_average_with_themselves(tiny):
