@@ -213,8 +213,14 @@ class DecentralizedTrainer:
         loss = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
         return tf.reduce_mean(correct, -1), tf.reduce_mean(loss, -1)
 
-    def evaluate(self, x, y, features_ready=False):
+    def evaluate(self, x, y, features_ready=False, clients=True):
         """Test metrics of the aggregated model and of every client model.
+
+        Args:
+            x, y: test inputs (raw, or ``fns.features`` with ``features_ready``) and class ids.
+            features_ready: ``x`` is already mapped by ``fns.features``.
+            clients: also evaluate every client (K forward passes over the test set); False
+                gives only ``val_loss`` and ``val_accuracy`` of the aggregate.
 
         Returns:
             Dict of ``val_loss``, ``val_accuracy`` (aggregate) and ``val_client_mean_accuracy``,
@@ -232,6 +238,8 @@ class DecentralizedTrainer:
         sizes = np.array([min(2048, int(feats.shape[0]) - i) for i in chunks], np.float64)
         agg_acc = float(np.dot([a.numpy()[0] for a in acc], sizes) / sizes.sum())
         agg_loss = float(np.dot([l.numpy()[0] for l in loss], sizes) / sizes.sum())
+        if not clients:
+            return {"val_loss": agg_loss, "val_accuracy": agg_acc}
         k = int(self.client_weights[0].shape[0])
         client_acc = np.zeros(k)
         for idx, real in base.client_groups(k, min(self.eval_batch, k)):
