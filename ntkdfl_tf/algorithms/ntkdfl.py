@@ -89,6 +89,7 @@ class NTKDFL(base.Algorithm):
             self._fns = fns
             self._evolve = tf.function(self._evolve_group, reduce_retracing=True,
                                        jit_compile=self.jit_compile)
+            self._stiffness = tf.function(self._stiffness_of, reduce_retracing=True)
             self._built_for = fns
         return {}
 
@@ -102,18 +103,25 @@ class NTKDFL(base.Algorithm):
         size = 1 if self.order == "sequential" else min(self.client_batch, num_clients)
         losses, chosen = np.zeros(num_clients), np.zeros(num_clients)
         slices = deal_slices(clients, self.jacobian_batches, rng)
+        substeps = []
         if self.order == "synchronous":
             averaged = base.neighbour_average(mixing, weights)
+            # A batch shares the finest Euler step any member needs: batch like with like.
+            order = (self.stiffness_order(averaged, index, valid, slices, size) if size > 1
+                     else np.arange(num_clients))
             updates = [[] for _ in weights]
         else:
+            order = np.arange(num_clients)
             current = [tf.Variable(w) for w in weights]
-        for idx, real in base.client_groups(num_clients, size):
+        for group, real in base.client_groups(num_clients, size):
+            idx = order[group]
             if self.order == "synchronous":
                 w = [tf.gather(a, idx) for a in averaged]
             else:  # in place: neighbours updated earlier this round count with their new weights
                 w = base.neighbour_average(mixing[idx], current)
-            new, loss, tau = self.evolve(w, index[idx], valid[idx], slices, eta)
+            new, loss, tau, steps = self.evolve(w, index[idx], valid[idx], slices, eta)
             losses[idx[:real]], chosen[idx[:real]] = loss[:real], tau[:real]
+            substeps.extend(steps)
             if self.order == "synchronous":
                 for u, v in zip(updates, new):
                     u.append(v[:real])
@@ -121,7 +129,8 @@ class NTKDFL(base.Algorithm):
                 for c, v in zip(current, new):
                     c.scatter_nd_update(idx[:real, None], v[:real])
         if self.order == "synchronous":
-            new_weights = [tf.concat(u, 0) for u in updates]
+            inverse = np.argsort(order)
+            new_weights = [tf.gather(tf.concat(u, 0), inverse) for u in updates]
         else:
             new_weights = [tf.convert_to_tensor(c) for c in current]
         if not np.isfinite(losses).all():
@@ -130,6 +139,7 @@ class NTKDFL(base.Algorithm):
                 f"NTK-DFL diverged in round {round_index}: no candidate tau gave a finite loss "
                 f"for client(s) {bad[:10].tolist()}; lower learning_rate (now {eta}) or the taus.")
         logs = {"loss": float(np.mean(losses)), "tau": float(np.mean(chosen)), "eta": eta,
+                "euler_substeps": float(np.mean(substeps)),
                 "bytes_sent": self.bytes_sent(adjacency, clients.counts, fns)}
         return new_weights, state, logs
 
@@ -143,18 +153,40 @@ class NTKDFL(base.Algorithm):
             eta: grid step.
 
         Returns:
-            ``(new_weights, loss, tau)``: the evolved weights, and the chosen candidates'
-            neighbourhood loss and tau (NumPy ``[B]``, means over slices).
+            ``(new_weights, loss, tau, substeps)``: the evolved weights, the chosen candidates'
+            neighbourhood loss and tau (NumPy ``[B]``, means over slices), and the Euler
+            sub-steps per grid step of each slice's flow (list; 0 for the MSE closed form).
         """
-        current, losses, taus = weights, [], []
+        current, losses, taus, substeps = weights, [], [], []
         for part in slices:
             feats, labels, mask = gather_neighbourhood(part, index, valid)
             h = self._kernel(weights, feats, mask)  # Jacobians at the averaged weights
-            current, loss, tau_index = self._evolve(weights, current, feats, labels, mask, h,
-                                                    tf.constant(eta, tf.float32))
+            current, loss, tau_index, steps = self._evolve(weights, current, feats, labels, mask,
+                                                           h, tf.constant(eta, tf.float32))
             losses.append(loss.numpy())
             taus.append(np.asarray(self.taus)[tau_index.numpy()])
-        return current, np.mean(losses, 0), np.mean(taus, 0)
+            substeps.append(int(steps))
+        return current, np.mean(losses, 0), np.mean(taus, 0), substeps
+
+    def stiffness_order(self, averaged, index, valid, slices, size):
+        """Clients sorted by lambda_max(H/N), the largest over their slices.
+
+        A client batch integrates with the step its stiffest member needs; grouping clients of
+        similar stiffness keeps the others from paying for it. Costs one extra kernel per slice.
+        """
+        num_clients = int(index.shape[0])
+        stiffness = np.zeros(num_clients)
+        for idx, real in base.client_groups(num_clients, size):
+            w = [tf.gather(a, idx) for a in averaged]
+            for part in slices:
+                feats, _, mask = gather_neighbourhood(part, index[idx], valid[idx])
+                lam = self._stiffness(w, feats, mask).numpy()[:real]
+                stiffness[idx[:real]] = np.maximum(stiffness[idx[:real]], lam)
+        return np.argsort(stiffness, kind="stable")
+
+    def _stiffness_of(self, weights, feats, mask):
+        n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        return kernels.lambda_max(self._kernel(weights, feats, mask)) / n
 
     def _evolve_group(self, linearised, weights, feats, labels, mask, h, eta):
         """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``."""
@@ -167,6 +199,7 @@ class NTKDFL(base.Algorithm):
         f0 = f_lin if self.jacobian_batches == 1 else fns.forward(weights, feats)
         if self.loss == "mse":
             r_sums, _ = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
+            substeps = tf.constant(0)
         else:
             substeps = kernels.euler_substeps(h, n, eta)
             r_sums, _ = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, substeps,
@@ -191,7 +224,8 @@ class NTKDFL(base.Algorithm):
         best = tf.argmin(safe, axis=0, output_type=tf.int32)  # [B]
         new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
                for v in range(len(weights))]
-        return new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best
+        return (new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best,
+                substeps)
 
     def bytes_sent(self, adjacency, counts, fns):
         """What the protocol transmits in one round, in bytes (float32).
