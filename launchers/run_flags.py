@@ -25,7 +25,7 @@ _HELP = {
     "learning_rate": "NTK-DFL grid step eta.",
     "lr_decay": "NTK-DFL: eta_r = learning_rate * exp(-lr_decay * r).",
     "taus": "NTK-DFL candidate evolution times, in grid steps.", "loss": "cross_entropy or mse.",
-    "kernel": "auto, dense or explicit.",
+    "kernel": "auto (dense for Dense stacks, else explicit), dense, explicit or matrix_free.",
     "per_round_averaging": "Neighbour averaging each round (off: the paper's ablation).",
     "order": "synchronous or sequential.",
     "jacobian_batches": "NTK-DFL Jacobian batching m: evolve slice after slice (1: off).",

@@ -66,6 +66,8 @@ def test_input_shape_does_not_match_model():
     (dict(loss="hinge"), "'hinge'"),
     (dict(kernel="fast"), "'fast'"),
     (dict(order="random"), "'random'"),
+    (dict(loss="mse", kernel="matrix_free"), "kernel='dense'"),
+    (dict(client_batch=0), "client_batch"),
 ])
 def test_bad_ntkdfl_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

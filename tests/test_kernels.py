@@ -11,7 +11,7 @@ import ntkdfl_tf as nd
 from ntkdfl_tf import kernels
 from ntkdfl_tf.functional import ModelFunctions
 
-KINDS = ("dense", "explicit")
+KINDS = ("dense", "explicit", "matrix_free")
 L = keras.layers
 
 
@@ -174,3 +174,21 @@ def test_kernel_reused_across_sizes(kind):
     for n in (6, 4, 5):
         h = kernel(weights, feats[:, :n], tf.ones((2, n)))
         _close(h[0], expected[0, :n, :n], rtol=1e-4)
+
+
+def test_matrix_free_operator_equals_dense_kernel_products_inside_a_loop():
+    """apply(v) inside a traced while-loop (as the flow calls it) equals H v with the dense H."""
+    fns, weights, feats, mask, _ = _case("tanh_3layer")
+    v0 = tf.constant(np.random.default_rng(6).standard_normal((2, 6, 3)), tf.float32)
+    h = kernels.make_kernel(fns, "dense")(weights, feats, tf.constant(mask))
+
+    @tf.function
+    def three_products(v):
+        apply = kernels.MatrixFreeNTK(fns).operator(weights, feats, tf.constant(mask))
+        return tf.while_loop(lambda i, _: i < 3, lambda i, u: (i + 1, apply(u) / 10.0),
+                             (0, v))[1]
+
+    expected = v0
+    for _ in range(3):
+        expected = tf.matmul(h, expected) / 10.0
+    _close(three_products(v0), expected, rtol=1e-4)

@@ -91,6 +91,15 @@ def test_no_retracing_after_the_first_round(tiny, algorithm):
     assert last == first
 
 
+def test_matrix_free_kernel_trains_like_the_dense_one(tiny):
+    """The flow through v -> H v (never forming H) reproduces the stored-kernel run."""
+    clients, test = tiny
+    a, _ = _fit(clients, test, kernel="dense")
+    b, _ = _fit(clients, test, kernel="matrix_free")
+    for x, y in zip(a.client_weights, b.client_weights):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=2e-5)
+
+
 def test_isolated_clients_average_with_themselves(tiny):
     """With no edges each client evolves alone: the same as a one-client run on its data."""
     clients, test = tiny

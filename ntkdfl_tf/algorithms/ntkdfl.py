@@ -61,6 +61,9 @@ class NTKDFL(base.Algorithm):
         if kernel != "auto" and kernel not in kernels.KERNELS:
             raise ValueError(f"Unknown kernel {kernel!r}; choose auto or one of "
                              f"{', '.join(kernels.KERNELS)}.")
+        if kernel == "matrix_free" and loss == "mse":
+            raise ValueError("loss='mse' solves the flow through the eigenbasis of H, which "
+                             "kernel='matrix_free' never forms; use kernel='dense' for MSE.")
         if not isinstance(client_batch, (int, np.integer)) or client_batch < 1:
             raise ValueError(f"client_batch must be a positive integer, got {client_batch!r}.")
         if not isinstance(jacobian_chunk, (int, np.integer)) or jacobian_chunk < 1:
@@ -90,6 +93,7 @@ class NTKDFL(base.Algorithm):
             self._evolve = tf.function(self._evolve_group, reduce_retracing=True,
                                        jit_compile=self.jit_compile)
             self._stiffness = tf.function(self._stiffness_of, reduce_retracing=True)
+            self._matrix_free = hasattr(self._kernel, "operator")
             self._built_for = fns
         return {}
 
@@ -160,7 +164,8 @@ class NTKDFL(base.Algorithm):
         current, losses, taus, substeps = weights, [], [], []
         for part in slices:
             feats, labels, mask = gather_neighbourhood(part, index, valid)
-            h = self._kernel(weights, feats, mask)  # Jacobians at the averaged weights
+            # Jacobians at the averaged weights; a matrix-free kernel is applied in the flow
+            h = tf.zeros([]) if self._matrix_free else self._kernel(weights, feats, mask)
             current, loss, tau_index, steps = self._evolve(weights, current, feats, labels, mask,
                                                            h, tf.constant(eta, tf.float32))
             losses.append(loss.numpy())
@@ -186,13 +191,17 @@ class NTKDFL(base.Algorithm):
 
     def _stiffness_of(self, weights, feats, mask):
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
-        return kernels.lambda_max(self._kernel(weights, feats, mask)) / n
+        h = (self._kernel.operator(weights, feats, mask) if self._matrix_free
+             else self._kernel(weights, feats, mask))
+        return kernels.lambda_max(h, mask=mask) / n
 
     def _evolve_group(self, linearised, weights, feats, labels, mask, h, eta):
         """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``."""
         fns = self._fns
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
         taus = tf.constant(self.taus, tf.int32)
+        if self._matrix_free:
+            h = self._kernel.operator(linearised, feats, mask)
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(linearised)
             f_lin = fns.forward(linearised, feats)
@@ -201,7 +210,7 @@ class NTKDFL(base.Algorithm):
             r_sums, _ = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
             substeps = tf.constant(0)
         else:
-            substeps = kernels.euler_substeps(h, n, eta)
+            substeps = kernels.euler_substeps(h, n, eta, mask=mask)
             r_sums, _ = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, substeps,
                                            record_outputs=False)
         candidates, cand_losses = [], []

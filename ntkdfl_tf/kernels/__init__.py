@@ -7,14 +7,17 @@ kinds:
     ``"auto"`` (default): ``"dense"`` when the model is a Dense stack, else ``"explicit"``.
     ``"dense"``: closed form for Dense stacks, never forms J (hundreds of times faster).
     ``"explicit"``: per-sample Jacobians from ``tf.GradientTape.jacobian``, any Keras model.
+    ``"matrix_free"``: Dense stacks; an operator ``v -> H v`` (``.operator(weights, feats,
+        mask)``) with memory linear in N, for neighbourhoods whose H does not fit in memory.
 """
 
 from ntkdfl_tf.kernels.dense import DenseNTK
 from ntkdfl_tf.kernels.explicit import ExplicitNTK, jacobian
+from ntkdfl_tf.kernels.matrix_free import MatrixFreeNTK
 from ntkdfl_tf.kernels.flow import (as_operator, euler_flow, euler_substeps, lambda_max,
                                     mse_closed_form)
 
-KERNELS = {"dense": DenseNTK, "explicit": ExplicitNTK}
+KERNELS = {"dense": DenseNTK, "explicit": ExplicitNTK, "matrix_free": MatrixFreeNTK}
 
 
 def make_kernel(fns, kind="auto", **options):
@@ -23,6 +26,6 @@ def make_kernel(fns, kind="auto", **options):
         kind = "dense" if fns.is_dense_stack else "explicit"
     if kind not in KERNELS:
         raise ValueError(f"Unknown kernel {kind!r}; choose one of auto, {', '.join(KERNELS)}.")
-    if kind == "dense":
+    if kind in ("dense", "matrix_free"):
         options.pop("chunk", None)  # only the explicit kernel works in chunks
     return KERNELS[kind](fns, **options)
