@@ -1,24 +1,36 @@
 """Seconds per round and peak RSS, NTK-DFL against DFedAvg, measured side by side in one run.
 
-    python benchmarks/round_time.py --clients=50,300 --rounds=3
+    python benchmarks/round_time.py --clients=50,100,300 --rounds=3
+    python benchmarks/round_time.py --clients= --kappas=2,5,10 --samples_per_client=100,200,400
 
 Prints one JSON line per (algorithm, clients): the median round time after one warm-up round
-(Fashion-MNIST, alpha=0.1, kappa=5, MLP 784-100-10, 200 samples per client), and the ratio of
-NTK-DFL's median to DFedAvg's at the same client count.
+(Fashion-MNIST, alpha=0.1, kappa=5, MLP 784-100-10, 200 samples per client; training only, no
+evaluation), the peak RSS so far, the mean Euler sub-steps, and the ``tf.function`` trace counts
+after the warm-up round and after the last (equal: no retracing). Then the ratio of NTK-DFL's
+median to DFedAvg's (5 local epochs by default, as the performance issue asks). The sweeps time
+the NTK-DFL round at ``--sweep_clients`` clients for each kappa and each samples-per-client.
 """
 
 import json
 import resource
 import statistics
 
+import keras
 from absl import app, flags
 
 import ntkdfl_tf as nd
 
-flags.DEFINE_list("clients", ["50", "300"], "Client counts.")
+flags.DEFINE_list("clients", ["50", "100", "300"], "Client counts (empty: skip).")
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms (first is the numerator).")
 flags.DEFINE_integer("rounds", 3, "Rounds per measurement; the first is a warm-up.")
 flags.DEFINE_integer("num_neighbors", 5, "kappa.")
+flags.DEFINE_integer("local_epochs", 5, "DFedAvg-family local epochs.")
+flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
+flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
+flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
+flags.DEFINE_list("kappas", [], "Sweep: NTK-DFL round time for each kappa.")
+flags.DEFINE_list("samples_per_client", [], "Sweep: NTK-DFL round time per samples/client.")
+flags.DEFINE_integer("sweep_clients", 50, "Clients in the sweeps.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
 
@@ -27,27 +39,62 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def make_algorithm(name):
+    if name == "ntk_dfl":
+        return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
+                                    client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile)
+    return nd.algorithms.get(name, local_epochs=FLAGS.local_epochs)
+
+
+class _Traces(keras.callbacks.Callback):
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer, self.counts = trainer, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.counts.append(sum(self.trainer.tracing_counts().values()))
+
+
+def time_rounds(name, clients, kappa, **fields):
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, make_algorithm(name),
+                                      nd.topology.RandomGraph(kappa), seed=0)
+    traces = _Traces(trainer)
+    history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0, callbacks=[traces])
+    times = history.history["round_seconds"]
+    line = {"algorithm": name, "clients": clients.num_clients, "kappa": kappa, **fields,
+            "round_seconds_median": round(statistics.median(times[1:]), 3),
+            "round_seconds": [round(t, 3) for t in times], "peak_rss_mb": round(peak_rss_mb()),
+            "traces_after_warmup": traces.counts[0], "traces_after_last": traces.counts[-1]}
+    if name == "ntk_dfl":
+        line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=FLAGS.client_batch,
+                    jit_compile=FLAGS.jit_compile,
+                    euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]])
+    else:
+        line["local_epochs"] = FLAGS.local_epochs
+    print(json.dumps(line), flush=True)
+    return line["round_seconds_median"]
+
+
 def main(argv):
     del argv
-    (x_train, y_train), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
-    for k in (int(c) for c in FLAGS.clients):
-        clients = nd.data.dirichlet_partition(x_train, y_train, k, 0.1, seed=0,
-                                              samples_per_client=200)
-        medians = {}
-        for name in FLAGS.algorithms:
-            trainer = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.get(name),
-                                              nd.topology.RandomGraph(FLAGS.num_neighbors), seed=0)
-            history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0)  # no evaluation
-            times = history.history["round_seconds"]
-            medians[name] = statistics.median(times[1:])
-            print(json.dumps({"algorithm": name, "clients": k, "kappa": FLAGS.num_neighbors,
-                              "round_seconds_median": round(medians[name], 3),
-                              "round_seconds": [round(t, 3) for t in times],
-                              "peak_rss_mb": round(peak_rss_mb())}), flush=True)
+    (x, y), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
+    for k in (int(c) for c in FLAGS.clients if c):
+        clients = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0, samples_per_client=200)
+        medians = {name: time_rounds(name, clients, FLAGS.num_neighbors)
+                   for name in FLAGS.algorithms}
         first, *rest = FLAGS.algorithms
         for other in rest:
             print(json.dumps({"clients": k, "ratio": f"{first}/{other}",
                               "value": round(medians[first] / medians[other], 2)}), flush=True)
+    k = FLAGS.sweep_clients
+    if FLAGS.kappas:
+        clients = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0, samples_per_client=200)
+        for kappa in (int(v) for v in FLAGS.kappas):
+            time_rounds("ntk_dfl", clients, kappa, sweep="kappa")
+    for spc in (int(v) for v in FLAGS.samples_per_client):
+        clients = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0, samples_per_client=spc)
+        time_rounds("ntk_dfl", clients, FLAGS.num_neighbors, sweep="samples_per_client",
+                    samples_per_client=spc)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ class TimeToAccuracy(keras.callbacks.Callback):
     Args:
         x, y: test inputs (raw images) and class ids.
         target: accuracy at which to stop; None never stops.
+        budget_seconds: also stop once this much wall time has passed (None: no limit).
 
     Attributes:
         reached_round: first round (0-based) at or above target, or None.
         reached_train_seconds, reached_wall_seconds: the cumulative times at that round.
     """
 
-    def __init__(self, x, y, target=0.85):
+    def __init__(self, x, y, target=0.85, budget_seconds=None):
         super().__init__()
-        self.x, self.y, self.target = x, y, target
+        self.x, self.y, self.target, self.budget_seconds = x, y, target, budget_seconds
         self._trainer = None
         self.reached_round = self.reached_train_seconds = self.reached_wall_seconds = None
 
@@ -49,4 +50,6 @@ class TimeToAccuracy(keras.callbacks.Callback):
             self.reached_round = epoch
             self.reached_train_seconds = self._train_seconds
             self.reached_wall_seconds = logs["wall_seconds"]
+            self.model.stop_training = True
+        if self.budget_seconds is not None and logs["wall_seconds"] >= self.budget_seconds:
             self.model.stop_training = True
