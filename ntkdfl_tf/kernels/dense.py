@@ -24,30 +24,41 @@ class DenseNTK:
         return self._call(weights, feats, tf.cast(mask, tf.float32))
 
     def _kernel(self, weights, feats, mask):
-        fns, c = self.fns, self.fns.num_classes
-        _, inputs, derivs = fns.dense_forward(weights, feats, with_derivatives=True)
-        specs = fns.dense_specs
-        batch, n = tf.shape(feats)[0], tf.shape(feats)[1]
-        last = len(specs) - 1
-        linear_output = _is_identity(specs[last].activation)
-        g = tf.linalg.diag(derivs[last])  # G_L = diag(sigma'_L): [B, N, C, C]
         h = 0.0
-        for l in reversed(range(len(specs))):
-            if l < last:  # G_l = (G_{l+1} W_{l+1}^T) * sigma'_l
-                g = tf.matmul(g, weights[specs[l + 1].kernel][:, None], transpose_b=True)
-                g = g * derivs[l][:, :, None, :]
-            if l == last and linear_output:
-                sens = float(c)
-            elif l == last - 1 and linear_output:  # D diag(s) D^T, s_r = sum_c W[r, c]^2
-                s = tf.reduce_sum(tf.square(weights[specs[last].kernel]), axis=-1)
-                sens = tf.matmul(derivs[l] * s[:, None, :], derivs[l], transpose_b=True)
-            else:
-                flat = tf.reshape(g, [batch, n, -1])
-                sens = tf.matmul(flat, flat, transpose_b=True)
-            a = inputs[l]
-            gram = tf.matmul(a, a, transpose_b=True) + (1.0 if specs[l].bias >= 0 else 0.0)
-            h = h + gram * sens / c
+        for a, beta, factor in layer_terms(self.fns, weights, feats):
+            gram = tf.matmul(a, a, transpose_b=True) + beta
+            h = h + (gram if factor is None else gram * tf.matmul(factor, factor, transpose_b=True))
         return h * mask[:, :, None] * mask[:, None, :]
+
+
+def layer_terms(fns, weights, feats):
+    """Per layer ``(A, beta, F)``: its share of H is (A A^T + beta) * F F^T (F None: ones).
+
+    A: the layer's inputs [B, N, d]; beta: 1 with a bias, else 0; F F^T is the traced sensitivity
+    gram (1/C) sum_c G^c G^c^T: None for a linear output layer, D * sqrt(s / C) for the layer
+    below it, the flattened G / sqrt(C) otherwise.
+    """
+    c = fns.num_classes
+    _, inputs, derivs = fns.dense_forward(weights, feats, with_derivatives=True)
+    specs = fns.dense_specs
+    batch, n = tf.shape(feats)[0], tf.shape(feats)[1]
+    last = len(specs) - 1
+    linear_output = _is_identity(specs[last].activation)
+    g = tf.linalg.diag(derivs[last])  # G_L = diag(sigma'_L): [B, N, C, C]
+    terms = []
+    for l in reversed(range(len(specs))):
+        if l < last:  # G_l = (G_{l+1} W_{l+1}^T) * sigma'_l
+            g = tf.matmul(g, weights[specs[l + 1].kernel][:, None], transpose_b=True)
+            g = g * derivs[l][:, :, None, :]
+        if l == last and linear_output:
+            factor = None
+        elif l == last - 1 and linear_output:  # D diag(s) D^T / C, s_r = sum_c W[r, c]^2
+            s = tf.reduce_sum(tf.square(weights[specs[last].kernel]), axis=-1)
+            factor = derivs[l] * tf.sqrt(s / c)[:, None, :]
+        else:
+            factor = tf.reshape(g, [batch, n, -1]) / tf.sqrt(float(c))
+        terms.append((inputs[l], 1.0 if specs[l].bias >= 0 else 0.0, factor))
+    return terms
 
 
 def _is_identity(activation):

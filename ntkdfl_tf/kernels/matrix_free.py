@@ -29,27 +29,9 @@ class MatrixFreeNTK:
 
     def operator(self, weights, feats, mask):
         """Returns ``apply(v [B, N, K]) -> H v`` for every client's own H (zero at padding)."""
-        fns, c = self.fns, self.fns.num_classes
-        _, inputs, derivs = fns.dense_forward(weights, feats, with_derivatives=True)
-        specs = fns.dense_specs
         batch, n = tf.shape(feats)[0], tf.shape(feats)[1]
-        last = len(specs) - 1
-        linear_output = dense._is_identity(specs[last].activation)
         mask = tf.cast(mask, tf.float32)[..., None]
-        terms = []  # (A, beta, F or None for ones)
-        g = tf.linalg.diag(derivs[last])  # [B, N, C, C]
-        for l in reversed(range(len(specs))):
-            if l < last:
-                g = tf.matmul(g, weights[specs[l + 1].kernel][:, None], transpose_b=True)
-                g = g * derivs[l][:, :, None, :]
-            if l == last and linear_output:
-                factor = None
-            elif l == last - 1 and linear_output:
-                s = tf.reduce_sum(tf.square(weights[specs[last].kernel]), axis=-1)
-                factor = derivs[l] * tf.sqrt(s)[:, None, :] / tf.sqrt(float(c))
-            else:
-                factor = tf.reshape(g, [batch, n, -1]) / tf.sqrt(float(c))
-            terms.append((inputs[l], 1.0 if specs[l].bias >= 0 else 0.0, factor))
+        terms = dense.layer_terms(self.fns, weights, feats)
 
         def apply(v):
             v = v * mask
