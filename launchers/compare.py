@@ -39,7 +39,7 @@ def main(argv):
                         num_neighbors=[int(k) for k in FLAGS.num_neighbors or []],
                         topologies=FLAGS.topologies, ablation=FLAGS.ablation,
                         target_accuracy=FLAGS.target_accuracy)
-    except (ValueError, OSError, RuntimeError) as e:  # data, folders, graphs
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:  # one clear line
         sys.exit(f"error: {e}")
 
 

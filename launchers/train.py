@@ -18,7 +18,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # tfds reports every file it reads at INFO
     try:
         experiment.run(experiment.Config(**run_flags.config_values()))
-    except (ValueError, OSError, RuntimeError) as e:  # data, folders, graphs  # bad flag values: one clear line, no traceback
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:  # one clear line, no traceback
         sys.exit(f"error: {e}")
 
 

@@ -14,6 +14,7 @@ import time
 import keras
 
 from ntkdfl_tf import algorithms, callbacks, data, models, topology
+from ntkdfl_tf import faults as faults_lib
 from ntkdfl_tf.trainer import DecentralizedTrainer, stream_rng
 
 
@@ -50,7 +51,12 @@ class Config:
     local_epochs: int = None
     momentum: float = None
     sam_rho: float = None
+    # failures (ntkdfl_tf.Faults), drawn from their own seeded stream
+    dropout: float = 0.0
+    message_loss: float = 0.0
+    leave: str = ""  # client:round pairs, e.g. "3:5,7:10"
     seed: int = 0
+    resume: bool = True  # continue from <logdir>/checkpoint.npz when it exists
     logdir: str = "runs/quick"
     save_dir: str = "saved_models"
     run_name: str = None
@@ -100,6 +106,14 @@ def _decayed(lr, decay, round_index):
     return lr * math.exp(-decay * round_index)
 
 
+def make_faults(cfg):
+    """The Faults of ``cfg``, or None when it injects none."""
+    leave = faults_lib.Faults.parse_leave(cfg.leave)
+    if not (cfg.dropout or cfg.message_loss or leave):
+        return None
+    return faults_lib.Faults(cfg.dropout, cfg.message_loss, leave)
+
+
 def make_model_fn(cfg):
     if cfg.model not in models.MODELS:
         raise ValueError(f"Unknown model {cfg.model!r}; choose one of {', '.join(models.MODELS)}.")
@@ -135,6 +149,9 @@ def validate(cfg):
         raise ValueError(f"Unknown partition {cfg.partition!r}; choose one of "
                          f"{', '.join(data.PARTITIONS)}.")
     make_topology(cfg).validate(cfg.num_clients)
+    faults = make_faults(cfg)
+    if faults is not None:
+        faults.validate(cfg.num_clients)
     make_algorithm(cfg)
     make_model_fn(cfg)
     for folder in (cfg.logdir, cfg.save_dir):
@@ -163,12 +180,13 @@ def run(cfg, dataset=None):
     (x_train, y_train), (x_test, y_test) = dataset or data.load(cfg.dataset, data_dir=cfg.data_dir)
     clients = partition(cfg, x_train, y_train)
     trainer = DecentralizedTrainer(make_model_fn(cfg), make_algorithm(cfg), make_topology(cfg),
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, faults=make_faults(cfg))
     final = callbacks.FinalAggregation(cfg.save_dir, run_name)
     history_path = os.path.join(cfg.logdir, "history.csv")
     cbs = [callbacks.HistoryCSV(history_path),
            keras.callbacks.TensorBoard(cfg.logdir, write_graph=False),
-           callbacks.ClientMetrics(cfg.logdir), final]
+           callbacks.ClientMetrics(cfg.logdir), final,
+           callbacks.RoundCheckpoint(cfg.logdir, resume=cfg.resume)]  # last: after the CSV row
     if cfg.verbose:
         print(f"{cfg.algorithm}: {cfg.num_clients} clients ({cfg.partition}, alpha={cfg.alpha}), "
               f"{cfg.topology} topology, {cfg.rounds} rounds on {cfg.dataset}; "

@@ -10,10 +10,12 @@ import tensorflow as tf
 from ntkdfl_tf import functional
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.data.client_data import ClientData
+from ntkdfl_tf.errors import CheckpointError, DivergenceError
+from ntkdfl_tf.faults import Faults
 
 # Derived random streams: each is keyed by (root seed, stream, round), so a stream's draws do
-# not depend on how many draws another stream made.
-STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3}
+# not depend on how many draws another stream made, and a resumed run needs only the seed.
+STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 4}
 
 
 def stream_rng(seed, stream, round_index=0):
@@ -32,11 +34,12 @@ class DecentralizedTrainer:
         model_fn: function returning a fresh, built ``keras.Model`` that outputs logits.
         algorithm: an ``ntkdfl_tf.algorithms`` object, e.g. ``NTKDFL()``.
         topology: an ``ntkdfl_tf.topology`` object, e.g. ``RandomGraph(num_neighbors=5)``.
-        seed: root seed; init, topology and sampling use streams derived from it.
+        seed: root seed; init, topology, sampling and failures use streams derived from it.
         eval_batch: clients evaluated together on the validation data.
+        faults: an ``ntkdfl_tf.Faults`` (client dropout, departures, lost messages) or None.
     """
 
-    def __init__(self, model_fn, algorithm, topology, seed=0, eval_batch=16):
+    def __init__(self, model_fn, algorithm, topology, seed=0, eval_batch=16, faults=None):
         if not callable(model_fn):
             raise TypeError(f"model_fn must be a function returning a keras.Model, got {model_fn!r}.")
         if not isinstance(algorithm, base.Algorithm):
@@ -45,7 +48,10 @@ class DecentralizedTrainer:
             raise TypeError(f"topology must be an ntkdfl_tf.topology object, got {topology!r}.")
         if not isinstance(eval_batch, (int, np.integer)) or eval_batch < 1:
             raise ValueError(f"eval_batch must be a positive integer, got {eval_batch!r}.")
+        if faults is not None and not isinstance(faults, Faults):
+            raise TypeError(f"faults must be an ntkdfl_tf.Faults or None, got {faults!r}.")
         self.algorithm, self.topology, self.seed = algorithm, topology, int(seed)
+        self.faults = faults
         self.eval_batch = int(eval_batch)
         keras.utils.set_random_seed(int(stream_rng(seed, "init").integers(2**31)))
         model = model_fn()
@@ -129,6 +135,8 @@ class DecentralizedTrainer:
         tensors = self._client_tensors(clients)
         k = tensors.num_clients
         self.topology.validate(k)
+        if self.faults is not None:
+            self.faults.validate(k)
         if validation_data is not None:
             x_val, y_val = validation_data
             if len(x_val) == 0 or len(x_val) != len(y_val):
@@ -170,11 +178,23 @@ class DecentralizedTrainer:
             cb_list.on_train_batch_begin(0)
             t0 = time.perf_counter()
             adjacency = self.topology.draw(k, stream_rng(self.seed, "topology", r))
-            self.client_weights, self.state, logs = self.algorithm.run_round(
+            active = None
+            if self.faults is not None:
+                active, adjacency = self.faults.apply(
+                    adjacency, r, stream_rng(self.seed, "failures", r))
+            weights, state, logs = self.algorithm.run_round(
                 self.state, self.client_weights, adjacency, r, self.fns, tensors,
                 stream_rng(self.seed, "sampling", r))
+            if active is not None:  # clients that sat out keep their weights
+                keep = tf.constant(active)
+                weights = [tf.where(tf.reshape(keep, [-1] + [1] * (w.shape.rank - 1)), w, old)
+                           for w, old in zip(weights, self.client_weights)]
             logs = dict(logs)
+            self._check_finite(weights, logs, r)
+            self.client_weights, self.state = weights, state
             logs["round_seconds"] = time.perf_counter() - t0
+            if active is not None:
+                logs["active_clients"] = float(active.sum())
             self.round = r + 1
             self._set_model_to_aggregate()
             cb_list.on_train_batch_end(0, logs)
@@ -186,12 +206,75 @@ class DecentralizedTrainer:
         cb_list.on_train_end(logs)
         return self.model.history
 
-    # -- evaluation ---------------------------------------------------------------------------
-    def aggregated_weights(self):
-        """The average of all client weights, as a list of NumPy arrays."""
+    def _check_finite(self, weights, logs, r):
+        """Raises DivergenceError naming the round and clients if anything is NaN or inf."""
+        finite = np.ones(int(weights[0].shape[0]), bool)
+        for w in weights:
+            finite &= tf.reduce_all(tf.math.is_finite(tf.reshape(w, [w.shape[0], -1])),
+                                    axis=1).numpy()
+        bad_logs = [k for k, v in logs.items() if not np.isfinite(v)]
+        if finite.all() and not bad_logs:
+            return
+        bad = np.flatnonzero(~finite).tolist()
+        what = (f"client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} have NaN/inf weights"
+                if bad else f"the round's {', '.join(bad_logs)} is NaN/inf")
+        raise DivergenceError(
+            f"{self.algorithm.name} diverged in round {r + 1}: {what}. Nothing of this round was "
+            f"kept (the last checkpoint, if any, is of round {r}); lower the learning rate.",
+            round=r + 1, clients=bad)
+
+    # -- state --------------------------------------------------------------------------------
+    def get_state(self):
+        """Everything needed to continue this run exactly (see ``ntkdfl_tf.checkpoint``)."""
         if self.client_weights is None:
             raise RuntimeError("No client models yet: call fit() first.")
-        return [w.numpy().mean(axis=0) for w in self.client_weights]
+        return {"round": int(self.round), "seed": self.seed, "streams": STREAMS,
+                "algorithm": self.algorithm.name,
+                "num_clients": int(self.client_weights[0].shape[0]),
+                "weights": [w.numpy() for w in self.client_weights],
+                "algorithm_state": [np.asarray(a) for a in tf.nest.flatten(self.state)]}
+
+    def set_state(self, state, source="the checkpoint"):
+        """Restores ``get_state()`` output; the trainer must be in ``fit`` or after it.
+
+        Raises:
+            CheckpointError: the state belongs to a run with another seed, algorithm, number
+                of clients or model.
+        """
+        k = int(self.client_weights[0].shape[0])
+        mine = {"seed": self.seed, "algorithm": self.algorithm.name, "num_clients": k,
+                "streams": STREAMS}
+        for key, value in mine.items():
+            if state[key] != value:
+                raise CheckpointError(
+                    f"{source} is of a run with {key}={state[key]!r}, this run has {value!r}; "
+                    "use another logdir, or --noresume to start afresh (overwriting it).")
+        shapes = [tuple(w.shape) for w in self.client_weights]
+        if [tuple(w.shape) for w in state["weights"]] != shapes:
+            raise CheckpointError(f"{source} holds weights of another model (shapes "
+                                  f"{[w.shape for w in state['weights']]}, this model {shapes}).")
+        structure = tf.nest.flatten(self.state)
+        if len(structure) != len(state["algorithm_state"]):
+            raise CheckpointError(f"{source} holds another algorithm state layout.")
+        self.client_weights = [tf.constant(w) for w in state["weights"]]
+        self.state = tf.nest.pack_sequence_as(
+            self.state, [tf.constant(a) for a in state["algorithm_state"]])
+        self.round = int(state["round"])
+        self._set_model_to_aggregate()
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def present_clients(self):
+        """Boolean [K]: clients that have not left the run (all without ``faults``)."""
+        k = int(self.client_weights[0].shape[0])
+        return (np.ones(k, bool) if self.faults is None
+                else self.faults.present(k, self.round))
+
+    def aggregated_weights(self):
+        """The average of the present clients' weights, as a list of NumPy arrays."""
+        if self.client_weights is None:
+            raise RuntimeError("No client models yet: call fit() first.")
+        present = self.present_clients()
+        return [w.numpy()[present].mean(axis=0) for w in self.client_weights]
 
     def _set_model_to_aggregate(self):
         for v, w in zip(self.model.trainable_variables, self.aggregated_weights()):

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from ntkdfl_tf import kernels, topology
 from ntkdfl_tf.algorithms import base
+from ntkdfl_tf.errors import DivergenceError
 
 LOSSES = ("cross_entropy", "mse")
 ORDERS = ("synchronous", "sequential")
@@ -139,9 +140,11 @@ class NTKDFL(base.Algorithm):
             new_weights = [tf.convert_to_tensor(c) for c in current]
         if not np.isfinite(losses).all():
             bad = np.flatnonzero(~np.isfinite(losses))
-            raise FloatingPointError(
-                f"NTK-DFL diverged in round {round_index}: no candidate tau gave a finite loss "
-                f"for client(s) {bad[:10].tolist()}; lower learning_rate (now {eta}) or the taus.")
+            raise DivergenceError(
+                f"NTK-DFL diverged in round {round_index + 1}: no candidate tau gave a finite "
+                f"loss for client(s) {bad[:10].tolist()} (NaN/inf in kernel or flow); lower "
+                f"learning_rate (now {eta}) or the taus.", round=round_index + 1,
+                clients=bad.tolist())
         logs = {"loss": float(np.mean(losses)), "tau": float(np.mean(chosen)), "eta": eta,
                 "euler_substeps": float(np.mean(substeps)),
                 "bytes_sent": self.bytes_sent(adjacency, clients.counts, fns)}

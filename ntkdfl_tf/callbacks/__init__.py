@@ -3,6 +3,7 @@
 from ntkdfl_tf.callbacks.client_metrics import ClientMetrics
 from ntkdfl_tf.callbacks.final_aggregation import FinalAggregation
 from ntkdfl_tf.callbacks.history_csv import HistoryCSV
+from ntkdfl_tf.callbacks.round_checkpoint import RoundCheckpoint
 from ntkdfl_tf.callbacks.time_to_accuracy import TimeToAccuracy
 
-__all__ = ["ClientMetrics", "FinalAggregation", "HistoryCSV", "TimeToAccuracy"]
+__all__ = ["ClientMetrics", "FinalAggregation", "HistoryCSV", "RoundCheckpoint", "TimeToAccuracy"]
