@@ -4,6 +4,7 @@
     python launchers/compare.py --algorithms=ntk_dfl --alphas=0.05,0.1,0.5,1.0
     python launchers/compare.py --algorithms=ntk_dfl --num_neighbors=2,5,10 --topologies=random,ring
     python launchers/compare.py --algorithms=ntk_dfl --ablation
+    python launchers/compare.py --algorithms=ntk_dfl,dfedavg --dropouts=0,0.1,0.3,0.5
 
 Writes <logdir>/<run>/history.csv, <logdir>/summary.csv, accuracy.png, accuracy_vs_bytes.png.
 """
@@ -15,12 +16,13 @@ from absl import app, flags, logging
 import run_flags
 from ntkdfl_tf import compare, experiment
 
-run_flags.define(skip=("algorithm", "alpha", "num_neighbors", "topology", "run_name",
-                       "save_dir"))
+SWEPT = ("algorithm", "alpha", "num_neighbors", "topology", "dropout", "run_name", "save_dir")
+run_flags.define(skip=SWEPT)
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms to compare.")
 flags.DEFINE_list("alphas", None, "Dirichlet alphas to sweep (default: 0.1).")
 flags.DEFINE_list("num_neighbors", None, "Random-graph degrees to sweep (default: 5).")
 flags.DEFINE_list("topologies", None, "Topologies to sweep, e.g. random,ring (default: random).")
+flags.DEFINE_list("dropouts", None, "Client dropout probabilities to sweep (default: 0).")
 flags.DEFINE_boolean("ablation", False, "Also run NTK-DFL without per-round averaging.")
 flags.DEFINE_float("target_accuracy", 0.85, "Accuracy whose first round summary.csv reports.")
 FLAGS = flags.FLAGS
@@ -29,8 +31,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    values = run_flags.config_values(skip=("algorithm", "alpha", "num_neighbors", "topology",
-                                           "run_name", "save_dir"))
+    values = run_flags.config_values(skip=SWEPT)
     if FLAGS["logdir"].value is None:
         values["logdir"] = "runs/compare"
     try:
@@ -38,7 +39,8 @@ def main(argv):
                         alphas=[float(a) for a in FLAGS.alphas or []],
                         num_neighbors=[int(k) for k in FLAGS.num_neighbors or []],
                         topologies=FLAGS.topologies, ablation=FLAGS.ablation,
-                        target_accuracy=FLAGS.target_accuracy)
+                        target_accuracy=FLAGS.target_accuracy,
+                        dropouts=[float(p) for p in FLAGS.dropouts or []])
     except (ValueError, OSError, RuntimeError, ArithmeticError) as e:  # one clear line
         sys.exit(f"error: {e}")
 

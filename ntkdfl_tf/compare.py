@@ -16,12 +16,14 @@ import numpy as np
 
 from ntkdfl_tf import data, experiment
 
-SUMMARY_FIELDS = ("run", "algorithm", "alpha", "num_neighbors", "topology", "per_round_averaging",
+SUMMARY_FIELDS = ("run", "algorithm", "alpha", "num_neighbors", "topology", "dropout",
+                  "per_round_averaging",
                   "rounds", "rounds_to_target", "best_accuracy", "final_accuracy",
                   "final_client_mean_accuracy", "total_bytes_sent", "wall_seconds")
 
 
-def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, ablation=False):
+def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, ablation=False,
+         dropouts=None):
     """The runs of a comparison: a list of ``(run_name, Config)``.
 
     Args:
@@ -29,22 +31,27 @@ def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, abl
         algorithms: algorithm names.
         alphas, num_neighbors, topologies: sweep values (None: the base's value only).
         ablation: also run NTK-DFL without per-round averaging.
+        dropouts: client dropout probabilities to sweep (None: the base's value only).
     """
     alphas = alphas or [base.alpha]
     kappas = num_neighbors or [base.num_neighbors]
     topologies = topologies or [base.topology]
+    dropouts = dropouts or [base.dropout]
     sweep = len(alphas) > 1 or len(kappas) > 1 or len(topologies) > 1
     runs = []
-    for alg, alpha, kappa, topo in itertools.product(algorithms, alphas, kappas, topologies):
+    for alg, alpha, kappa, topo, drop in itertools.product(algorithms, alphas, kappas, topologies,
+                                                           dropouts):
         variants = [True, False] if ablation and alg == "ntk_dfl" else [True]
         for averaging in variants:
             name = alg
             if sweep:
                 name += f"_alpha{alpha:g}_k{kappa}_{topo}"
+            if len(dropouts) > 1:
+                name += f"_dropout{drop:g}"
             if not averaging:
                 name += "_no_averaging"
             cfg = dataclasses.replace(base, algorithm=alg, alpha=alpha, num_neighbors=kappa,
-                                      topology=topo, per_round_averaging=averaging,
+                                      topology=topo, dropout=drop, per_round_averaging=averaging,
                                       logdir=os.path.join(base.logdir, name),
                                       save_dir=os.path.join(base.logdir, name), run_name="model")
             runs.append((name, cfg))
@@ -56,7 +63,7 @@ def summarise(name, cfg, history, seconds, target):
     acc = np.asarray(h.get("val_accuracy", [np.nan]))
     hit = np.flatnonzero(acc >= target)
     return {"run": name, "algorithm": cfg.algorithm, "alpha": cfg.alpha,
-            "num_neighbors": cfg.num_neighbors, "topology": cfg.topology,
+            "num_neighbors": cfg.num_neighbors, "topology": cfg.topology, "dropout": cfg.dropout,
             "per_round_averaging": cfg.per_round_averaging, "rounds": len(acc),
             "rounds_to_target": int(hit[0]) + 1 if hit.size else "",
             "best_accuracy": float(np.max(acc)), "final_accuracy": float(acc[-1]),
@@ -106,13 +113,13 @@ def plot(logdir, histories):
 
 
 def compare(base, algorithms, alphas=None, num_neighbors=None, topologies=None, ablation=False,
-            target_accuracy=0.85):
+            target_accuracy=0.85, dropouts=None):
     """Runs the plan, writing summary.csv after every run (a killed sweep keeps what finished).
 
     Returns:
         The summary rows (list of dicts).
     """
-    runs = plan(base, algorithms, alphas, num_neighbors, topologies, ablation)
+    runs = plan(base, algorithms, alphas, num_neighbors, topologies, ablation, dropouts)
     for _, cfg in runs:  # every configuration checked before the first (long) run starts
         experiment.validate(cfg)
     dataset = data.load(base.dataset, data_dir=base.data_dir)

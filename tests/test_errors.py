@@ -79,7 +79,9 @@ def test_bad_ntkdfl_arguments(kwargs, match):
     ("learning_rate", 0.0, "--learning_rate"), ("alpha", 0.0, "--alpha"),
     ("dataset", "svhn", "'svhn'"), ("partition", "zipf", "'zipf'"),
     ("topology", "torus", "'torus'"), ("num_neighbors", 40, "num_neighbors=40"),
-    ("model", "resnet", "'resnet'"),
+    ("model", "resnet", "'resnet'"), ("taus", (200, 100), "strictly increasing"),
+    ("dropout", 1.0, "dropout"), ("message_loss", -0.1, "message_loss"),
+    ("leave", "3-5", "--leave"), ("leave", "40:2", "only 30 clients"),
 ])
 def test_launcher_config_validated_up_front(tmp_path, field, value, match):
     cfg = experiment.Config(logdir=str(tmp_path / "logs"), save_dir=str(tmp_path / "models"))
@@ -118,3 +120,18 @@ def test_nan_in_any_client_is_rejected():
                                       nd.topology.Ring(), seed=0)
     with pytest.raises(ValueError, match="NaN"):
         trainer.fit(bad, rounds=1, verbose=0)
+
+
+def test_unwritable_logdir_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = experiment.Config(logdir=str(blocker / "logs"), save_dir=str(tmp_path / "models"))
+    with pytest.raises(ValueError, match="a_file/logs.*writable"):
+        experiment.validate(cfg)
+
+
+def test_faults_naming_missing_clients_are_refused():
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.get("dfedavg"),
+                                      nd.topology.Ring(), faults=nd.Faults(leave={9: 1}))
+    with pytest.raises(ValueError, match=r"client\(s\) \[9\].*only 4 clients"):
+        trainer.fit(_tiny_clients(4), rounds=1, verbose=0)
