@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ntkdfl_tf import functional
+from ntkdfl_tf import executors, functional
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.data.client_data import ClientData
 from ntkdfl_tf.errors import CheckpointError, DivergenceError
@@ -37,9 +37,13 @@ class DecentralizedTrainer:
         seed: root seed; init, topology, sampling and failures use streams derived from it.
         eval_batch: clients evaluated together on the validation data.
         faults: an ``ntkdfl_tf.Faults`` (client dropout, departures, lost messages) or None.
+        executor: where per-client work runs: ``"local"`` (this process), ``"ray"`` (Ray
+            actors on a local instance) or an executor object such as
+            ``ntkdfl_tf.executors.RayExecutor(num_actors=8, address="auto")``.
     """
 
-    def __init__(self, model_fn, algorithm, topology, seed=0, eval_batch=16, faults=None):
+    def __init__(self, model_fn, algorithm, topology, seed=0, eval_batch=16, faults=None,
+                 executor="local"):
         if not callable(model_fn):
             raise TypeError(f"model_fn must be a function returning a keras.Model, got {model_fn!r}.")
         if not isinstance(algorithm, base.Algorithm):
@@ -52,6 +56,11 @@ class DecentralizedTrainer:
             raise TypeError(f"faults must be an ntkdfl_tf.Faults or None, got {faults!r}.")
         self.algorithm, self.topology, self.seed = algorithm, topology, int(seed)
         self.faults = faults
+        self.executor = executors.make_executor(executor)
+        if self.executor.remote and getattr(algorithm, "order", None) == "sequential":
+            raise ValueError("order='sequential' updates clients one after another in place; "
+                             "it runs with executor='local' only (or use order='synchronous').")
+        self.model_fn = model_fn
         self.eval_batch = int(eval_batch)
         keras.utils.set_random_seed(int(stream_rng(seed, "init").integers(2**31)))
         model = model_fn()
@@ -154,6 +163,7 @@ class DecentralizedTrainer:
         else:
             self.algorithm.init(self.fns, self.client_weights, tensors)
 
+        self.executor.start(self.model_fn, self.algorithm, tensors)
         for cb in callbacks or []:
             if hasattr(cb, "set_trainer"):
                 cb.set_trainer(self)
@@ -184,7 +194,7 @@ class DecentralizedTrainer:
                     adjacency, r, stream_rng(self.seed, "failures", r))
             weights, state, logs = self.algorithm.run_round(
                 self.state, self.client_weights, adjacency, r, self.fns, tensors,
-                stream_rng(self.seed, "sampling", r))
+                stream_rng(self.seed, "sampling", r), self.executor)
             if active is not None:  # clients that sat out keep their weights
                 keep = tf.constant(active)
                 weights = [tf.where(tf.reshape(keep, [-1] + [1] * (w.shape.rank - 1)), w, old)
@@ -193,6 +203,7 @@ class DecentralizedTrainer:
             self._check_finite(weights, logs, r)
             self.client_weights, self.state = weights, state
             logs["round_seconds"] = time.perf_counter() - t0
+            logs.update(self.executor.round_stats())
             if active is not None:
                 logs["active_clients"] = float(active.sum())
             self.round = r + 1

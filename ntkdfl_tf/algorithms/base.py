@@ -33,18 +33,28 @@ class Algorithm:
     """Interface: explicit state in, explicit state out (optax style).
 
     ``init(fns, weights, clients) -> state`` and
-    ``run_round(state, weights, adjacency, round_index, fns, clients, rng)
+    ``run_round(state, weights, adjacency, round_index, fns, clients, rng, executor)
     -> (weights, state, logs)``, where ``weights`` is a list of ``[K, *shape]`` tensors (one per
-    trainable variable), ``adjacency`` the round's (K, K) boolean graph and ``logs`` a dict of
-    flat Python floats (always including ``loss`` and ``bytes_sent``).
+    trainable variable), ``adjacency`` the round's (K, K) boolean graph (row i: whom client i
+    hears from) and ``logs`` a dict of flat Python floats (always including ``loss`` and
+    ``bytes_sent``). Per-client work goes through ``executor.map(method, calls)``, which calls
+    a pure per-group method of the algorithm (NumPy in, NumPy out) in this process or on Ray
+    actors, each holding its own copy of the algorithm made by pickling.
     """
 
     name = "algorithm"
+    supports_remote = True  # False: per-client work that a remote executor cannot run
+
+    def __getstate__(self):
+        """Configuration only: a copy (e.g. on a Ray actor) builds its own functions in init."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["_built_for"] = None
+        return state
 
     def init(self, fns, weights, clients):
         return {}
 
-    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng):
+    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
         raise NotImplementedError
 
 

@@ -54,6 +54,9 @@ class LocalSGD(base.Algorithm):
             self._fns = fns
             self._train = tf.function(self._train_group, reduce_retracing=True)
             self._built_for = fns
+        # index n_max addresses an appended all-zero (masked) row: the last batch's padding
+        self._data = [base.append_zero_row(t) for t in
+                      (clients.features, clients.labels, clients.mask)]
         return {}
 
     def _schedule(self, counts, n_max, rng):
@@ -69,28 +72,40 @@ class LocalSGD(base.Algorithm):
         steps = steps.reshape(epochs * per_epoch, k, self.batch_size)
         return steps[:self.local_steps] if self.local_steps is not None else steps
 
-    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng):
+    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
         lr = base.learning_rate_at(self.learning_rate, round_index)
         n_max = int(clients.features.shape[1])
         steps = self._schedule(clients.counts, n_max, rng)
         k = clients.num_clients
-        # index n_max addresses an appended all-zero (masked) row: the last batch's padding
-        feats, labels, mask = (base.append_zero_row(t) for t in
-                               (clients.features, clients.labels, clients.mask))
-        new_w, losses = [[] for _ in weights], np.zeros(k)
-        for idx, real in base.client_groups(k, min(self.client_batch, k)):
-            w = [tf.gather(v, idx) for v in weights]
-            w, loss = self._train(w, tf.gather(feats, idx), tf.gather(labels, idx),
-                                  tf.gather(mask, idx), tf.constant(steps[:, idx]),
-                                  tf.constant(lr, tf.float32))
-            losses[idx[:real]] = loss.numpy()[:real]
-            for out, v in zip(new_w, w):
-                out.append(v[:real])
-        trained = [tf.concat(v, 0) for v in new_w]
+        numpy_weights = [w.numpy() for w in weights]
+        groups = base.client_groups(k, min(self.client_batch, k))
+        calls = [([w[idx] for w in numpy_weights], idx, steps[:, idx]) for idx, _ in groups]
+        results = executor.map("train_group", calls, shared=(lr,))
+        losses = np.zeros(k)
+        for (idx, real), (_, loss) in zip(groups, results):
+            losses[idx[:real]] = loss[:real]
+        trained = [tf.constant(np.concatenate([w[v][:real] for (_, real), (w, _) in
+                                               zip(groups, results)], 0))
+                   for v in range(len(weights))]
         averaged = base.neighbour_average(topology.mixing_matrix(adjacency), trained)
         logs = {"loss": float(losses.mean()), "local_learning_rate": lr,
                 "bytes_sent": float(adjacency.sum() * fns.num_params * base.FLOAT_BYTES)}
         return averaged, state, logs
+
+    def train_group(self, lr, weights, idx, steps):
+        """One group's local epochs (pure; runs wherever the executor puts it).
+
+        Args:
+            lr: step size. weights: list of NumPy ``[B, *shape]``. idx: the clients (int32 [B]).
+            steps: per-step sample indices ``[steps, B, batch]``.
+
+        Returns:
+            ``(weights, loss)``: NumPy new weights and mean batch loss ``[B]``.
+        """
+        feats, labels, mask = (tf.gather(t, idx) for t in self._data)
+        w, loss = self._train([tf.constant(w) for w in weights], feats, labels, mask,
+                              tf.constant(steps), tf.constant(lr, tf.float32))
+        return [v.numpy() for v in w], loss.numpy()
 
     def _gradients(self, w, x, y, mask):
         with tf.GradientTape() as tape:

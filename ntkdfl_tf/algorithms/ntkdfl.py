@@ -96,10 +96,11 @@ class NTKDFL(base.Algorithm):
             self._stiffness = tf.function(self._stiffness_of, reduce_retracing=True)
             self._matrix_free = hasattr(self._kernel, "operator")
             self._built_for = fns
+        self._clients, self._slices = clients, (None, None)
         return {}
 
     # -- one round --------------------------------------------------------------------------
-    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng):
+    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
         num_clients = clients.num_clients
         eta = base.learning_rate_at(self.learning_rate, round_index)
         index, valid = topology.neighbourhoods(adjacency)
@@ -107,37 +108,35 @@ class NTKDFL(base.Algorithm):
                   else np.eye(num_clients, dtype=np.float32))
         size = 1 if self.order == "sequential" else min(self.client_batch, num_clients)
         losses, chosen = np.zeros(num_clients), np.zeros(num_clients)
-        slices = deal_slices(clients, self.jacobian_batches, rng)
-        substeps = []
-        if self.order == "synchronous":
-            averaged = base.neighbour_average(mixing, weights)
-            # A batch shares the finest Euler step any member needs: batch like with like.
-            order = (self.stiffness_order(averaged, index, valid, slices, size) if size > 1
-                     else np.arange(num_clients))
-            updates = [[] for _ in weights]
+        orders = slice_orders(clients.counts, int(clients.mask.shape[1]), self.jacobian_batches,
+                              rng)
+        shared = (round_index, orders)
+        if self.order == "sequential":  # in place: later clients see earlier clients' updates
+            new_weights, losses, chosen, substeps = self._sequential(
+                weights, mixing, index, valid, shared, eta)
         else:
+            averaged = [w.numpy() for w in base.neighbour_average(mixing, weights)]
             order = np.arange(num_clients)
-            current = [tf.Variable(w) for w in weights]
-        for group, real in base.client_groups(num_clients, size):
-            idx = order[group]
-            if self.order == "synchronous":
-                w = [tf.gather(a, idx) for a in averaged]
-            else:  # in place: neighbours updated earlier this round count with their new weights
-                w = base.neighbour_average(mixing[idx], current)
-            new, loss, tau, steps = self.evolve(w, index[idx], valid[idx], slices, eta)
-            losses[idx[:real]], chosen[idx[:real]] = loss[:real], tau[:real]
-            substeps.extend(steps)
-            if self.order == "synchronous":
-                for u, v in zip(updates, new):
-                    u.append(v[:real])
-            else:
-                for c, v in zip(current, new):
-                    c.scatter_nd_update(idx[:real, None], v[:real])
-        if self.order == "synchronous":
-            inverse = np.argsort(order)
-            new_weights = [tf.gather(tf.concat(u, 0), inverse) for u in updates]
-        else:
-            new_weights = [tf.convert_to_tensor(c) for c in current]
+            if size > 1:  # a batch shares the finest Euler step any member needs: batch like with like
+                calls = [([a[idx] for a in averaged], index[idx], valid[idx])
+                         for idx, _ in base.client_groups(num_clients, size)]
+                stiffness = np.concatenate(
+                    [lam[:real] for lam, (_, real) in
+                     zip(executor.map("stiffness_group", calls, shared),
+                         base.client_groups(num_clients, size))])
+                order = np.argsort(stiffness, kind="stable")
+            groups = [(order[g], real) for g, real in base.client_groups(num_clients, size)]
+            calls = [([a[idx] for a in averaged], index[idx], valid[idx], eta)
+                     for idx, _ in groups]
+            results = executor.map("evolve_group", calls, shared)
+            new_weights = [np.empty_like(a) for a in averaged]
+            substeps = []
+            for (idx, real), (new, loss, tau, steps) in zip(groups, results):
+                for out, v in zip(new_weights, new):
+                    out[idx[:real]] = v[:real]
+                losses[idx[:real]], chosen[idx[:real]] = loss[:real], tau[:real]
+                substeps.extend(steps)
+            new_weights = [tf.constant(w) for w in new_weights]
         if not np.isfinite(losses).all():
             bad = np.flatnonzero(~np.isfinite(losses))
             raise DivergenceError(
@@ -149,6 +148,43 @@ class NTKDFL(base.Algorithm):
                 "euler_substeps": float(np.mean(substeps)),
                 "bytes_sent": self.bytes_sent(adjacency, clients.counts, fns)}
         return new_weights, state, logs
+
+    def _sequential(self, weights, mixing, index, valid, shared, eta):
+        """Clients one after another, each averaging its neighbours' latest weights."""
+        num_clients = int(index.shape[0])
+        slices = self._round_slices(*shared)
+        current = [tf.Variable(w) for w in weights]
+        losses, chosen, substeps = np.zeros(num_clients), np.zeros(num_clients), []
+        for i in range(num_clients):
+            w = base.neighbour_average(mixing[i:i + 1], current)
+            new, loss, tau, steps = self.evolve(w, index[i:i + 1], valid[i:i + 1], slices, eta)
+            losses[i], chosen[i] = loss[0], tau[0]
+            substeps.extend(steps)
+            for c, v in zip(current, new):
+                c.scatter_nd_update([[i]], v)
+        return [tf.convert_to_tensor(c) for c in current], losses, chosen, substeps
+
+    # -- per-group work (pure: NumPy in, NumPy out; runs wherever the executor puts it) --------
+    def _round_slices(self, round_index, orders):
+        """This round's Jacobian-batching slices of the client data (built once per round)."""
+        if self._slices[0] != round_index:
+            self._slices = (round_index, slices_from_orders(self._clients, orders))
+        return self._slices[1]
+
+    def stiffness_group(self, round_index, orders, weights, index, valid):
+        """lambda_max(H/N) of each client of a group, the largest over its slices: NumPy [B]."""
+        w = [tf.constant(a) for a in weights]
+        lam = 0.0
+        for part in self._round_slices(round_index, orders):
+            feats, _, mask = gather_neighbourhood(part, index, valid)
+            lam = np.maximum(lam, self._stiffness(w, feats, mask).numpy())
+        return lam
+
+    def evolve_group(self, round_index, orders, weights, index, valid, eta):
+        """``evolve`` for one group, from NumPy averaged weights; returns NumPy results."""
+        new, loss, tau, steps = self.evolve([tf.constant(a) for a in weights], index, valid,
+                                            self._round_slices(round_index, orders), eta)
+        return [v.numpy() for v in new], loss, tau, steps
 
     def evolve(self, weights, index, valid, slices, eta):
         """Evolves a group of clients from their (averaged) weights.
@@ -175,22 +211,6 @@ class NTKDFL(base.Algorithm):
             taus.append(np.asarray(self.taus)[tau_index.numpy()])
             substeps.append(int(steps))
         return current, np.mean(losses, 0), np.mean(taus, 0), substeps
-
-    def stiffness_order(self, averaged, index, valid, slices, size):
-        """Clients sorted by lambda_max(H/N), the largest over their slices.
-
-        A client batch integrates with the step its stiffest member needs; grouping clients of
-        similar stiffness keeps the others from paying for it. Costs one extra kernel per slice.
-        """
-        num_clients = int(index.shape[0])
-        stiffness = np.zeros(num_clients)
-        for idx, real in base.client_groups(num_clients, size):
-            w = [tf.gather(a, idx) for a in averaged]
-            for part in slices:
-                feats, _, mask = gather_neighbourhood(part, index[idx], valid[idx])
-                lam = self._stiffness(w, feats, mask).numpy()[:real]
-                stiffness[idx[:real]] = np.maximum(stiffness[idx[:real]], lam)
-        return np.argsort(stiffness, kind="stable")
 
     def _stiffness_of(self, weights, feats, mask):
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
@@ -255,31 +275,42 @@ class NTKDFL(base.Algorithm):
         return float((weight_floats + jac_floats) * base.FLOAT_BYTES)
 
 
-def deal_slices(clients, m, rng):
-    """Deals every client's samples, shuffled, into ``m`` slices (ClientTensors each).
+def slice_orders(counts, n_max, m, rng):
+    """Each client's samples, shuffled and dealt into ``m`` slices: int32 ``[m, K, per_slice]``.
 
-    Real samples are shuffled to the front of each client's row and dealt round-robin, so slice
-    k holds about n_i/m of client i's samples; ``m == 1`` returns ``[clients]`` unchanged.
+    Real samples go first, shuffled, and are dealt round-robin, so slice j holds about n_i/m of
+    client i's samples; index ``n_max`` means padding. None for ``m == 1`` (no batching).
     """
     if m == 1:
-        return [clients]
-    k, n_max = clients.mask.shape
-    keys = rng.random((k, n_max)) + (np.arange(n_max)[None] >= clients.counts[:, None])
-    order = np.argsort(keys, axis=1)
+        return None
+    k = len(counts)
+    keys = rng.random((k, n_max)) + (np.arange(n_max)[None] >= np.asarray(counts)[:, None])
+    order = np.argsort(keys, axis=1).astype(np.int32)
     per_slice = -(-n_max // m)
-    # index n_max addresses an appended all-zero (masked) row, filling the last positions
-    order = np.concatenate([order, np.full((k, per_slice * m - n_max), n_max)], 1)
+    order = np.concatenate([order, np.full((k, per_slice * m - n_max), n_max, np.int32)], 1)
+    return np.stack([order[:, j::m] for j in range(m)])
 
+
+def slices_from_orders(clients, orders):
+    """The slices (ClientTensors each) that ``slice_orders`` describes; ``[clients]`` for None."""
+    if orders is None:
+        return [clients]
     feats, labels, mask = (base.append_zero_row(t) for t in
                            (clients.features, clients.labels, clients.mask))
     parts = []
-    for j in range(m):
-        idx = tf.constant(order[:, j::m], tf.int32)
+    for idx in orders:
+        idx = tf.constant(idx, tf.int32)
         part_mask = tf.gather(mask, idx, batch_dims=1)
         parts.append(base.ClientTensors(tf.gather(feats, idx, batch_dims=1),
                                         tf.gather(labels, idx, batch_dims=1), part_mask,
                                         part_mask.numpy().sum(1).astype(np.int64)))
     return parts
+
+
+def deal_slices(clients, m, rng):
+    """``slices_from_orders(clients, slice_orders(...))``: the round's slices in one call."""
+    return slices_from_orders(clients, slice_orders(clients.counts, int(clients.mask.shape[1]),
+                                                    m, rng))
 
 
 def gather_neighbourhood(clients, index, valid):

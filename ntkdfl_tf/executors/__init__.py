@@ -1,0 +1,33 @@
+"""Where per-client work runs: in this process (``local``) or on Ray actors (``ray``).
+
+An executor maps one of the algorithm's per-group methods (pure: NumPy weights and indices in,
+NumPy weights and logs out) over client groups. Every executor runs the same method on the
+same groups, so the results agree whatever runs them.
+"""
+
+from ntkdfl_tf.executors.local import LocalExecutor
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(executor):
+    """``"local"``, ``"ray"`` or an executor object -> an executor object."""
+    if executor == "local" or executor is None:
+        return LocalExecutor()
+    if executor == "ray":
+        from ntkdfl_tf.executors.ray import RayExecutor  # ray is an optional extra
+        return RayExecutor()
+    if hasattr(executor, "map") and hasattr(executor, "start"):
+        return executor
+    raise ValueError(f"Unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)} or "
+                     "pass an executor object (ntkdfl_tf.executors.RayExecutor(...)).")
+
+
+def __getattr__(name):  # RayExecutor without importing ray unless asked for
+    if name == "RayExecutor":
+        from ntkdfl_tf.executors.ray import RayExecutor
+        return RayExecutor
+    raise AttributeError(name)
+
+
+__all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "make_executor"]
