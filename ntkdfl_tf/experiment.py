@@ -55,6 +55,9 @@ class Config:
     dropout: float = 0.0
     message_loss: float = 0.0
     leave: str = ""  # client:round pairs, e.g. "3:5,7:10"
+    executor: str = "local"  # or "ray"
+    ray_address: str = None  # None: start a local Ray instance; "auto" or ray://host:10001
+    ray_actors: int = 2
     seed: int = 0
     resume: bool = True  # continue from <logdir>/checkpoint.npz when it exists
     logdir: str = "runs/quick"
@@ -114,6 +117,20 @@ def make_faults(cfg):
     return faults_lib.Faults(cfg.dropout, cfg.message_loss, leave)
 
 
+def make_executor(cfg):
+    if cfg.executor == "local":
+        return "local"
+    if cfg.executor != "ray":
+        raise ValueError(f"Unknown executor {cfg.executor!r}; choose local or ray.")
+    if cfg.ray_actors is None or cfg.ray_actors < 1:
+        raise ValueError(f"--ray_actors must be positive, got {cfg.ray_actors!r}.")
+    try:
+        from ntkdfl_tf.executors import RayExecutor
+    except ImportError as e:
+        raise ValueError("--executor=ray needs Ray: pip install 'ntkdfl_tf[ray]'.") from e
+    return RayExecutor(num_actors=cfg.ray_actors, address=cfg.ray_address)
+
+
 def make_model_fn(cfg):
     if cfg.model not in models.MODELS:
         raise ValueError(f"Unknown model {cfg.model!r}; choose one of {', '.join(models.MODELS)}.")
@@ -149,6 +166,8 @@ def validate(cfg):
         raise ValueError(f"Unknown partition {cfg.partition!r}; choose one of "
                          f"{', '.join(data.PARTITIONS)}.")
     make_topology(cfg).validate(cfg.num_clients)
+    if cfg.executor not in ("local", "ray"):
+        raise ValueError(f"Unknown executor {cfg.executor!r}; choose local or ray.")
     faults = make_faults(cfg)
     if faults is not None:
         faults.validate(cfg.num_clients)
@@ -180,7 +199,8 @@ def run(cfg, dataset=None):
     (x_train, y_train), (x_test, y_test) = dataset or data.load(cfg.dataset, data_dir=cfg.data_dir)
     clients = partition(cfg, x_train, y_train)
     trainer = DecentralizedTrainer(make_model_fn(cfg), make_algorithm(cfg), make_topology(cfg),
-                                   seed=cfg.seed, faults=make_faults(cfg))
+                                   seed=cfg.seed, faults=make_faults(cfg),
+                                   executor=make_executor(cfg))
     final = callbacks.FinalAggregation(cfg.save_dir, run_name)
     history_path = os.path.join(cfg.logdir, "history.csv")
     cbs = [callbacks.HistoryCSV(history_path),
