@@ -206,14 +206,18 @@ def run(cfg, dataset=None):
     cbs = [callbacks.HistoryCSV(history_path),
            keras.callbacks.TensorBoard(cfg.logdir, write_graph=False),
            callbacks.ClientMetrics(cfg.logdir), final,
-           callbacks.RoundCheckpoint(cfg.logdir, resume=cfg.resume)]  # last: after the CSV row
+           # last, so a round is checkpointed only once its CSV row is on disk
+           callbacks.RoundCheckpoint(cfg.logdir, resume=cfg.resume, verbose=cfg.verbose)]
     if cfg.verbose:
         print(f"{cfg.algorithm}: {cfg.num_clients} clients ({cfg.partition}, alpha={cfg.alpha}), "
               f"{cfg.topology} topology, {cfg.rounds} rounds on {cfg.dataset}; "
               f"{int(clients.counts.sum())} training samples.", flush=True)
     history = trainer.fit(clients, rounds=cfg.rounds, validation_data=(x_test, y_test),
                           callbacks=cbs, verbose=cfg.verbose)
-    if cfg.verbose:
+    if cfg.verbose and not history.history:
+        print(f"Nothing to run: {cfg.logdir} already holds {trainer.round} rounds; pass a larger "
+              "--rounds to continue, or --noresume to start afresh.", flush=True)
+    elif cfg.verbose:
         last = {k: v[-1] for k, v in history.history.items()}
         print(f"done in {time.perf_counter() - t0:.0f} s: aggregated accuracy "
               f"{last.get('val_accuracy', float('nan')):.4f}, mean client "

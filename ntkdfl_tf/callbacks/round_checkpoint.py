@@ -19,10 +19,12 @@ class RoundCheckpoint(keras.callbacks.Callback):
     Args:
         directory: folder of the checkpoint (a run's logdir).
         resume: restore from an existing checkpoint at the start of ``fit``.
+        verbose: say when a run resumes.
     """
 
-    def __init__(self, directory, resume=True):
+    def __init__(self, directory, resume=True, verbose=1):
         super().__init__()
+        self.verbose = verbose
         self.path = os.path.join(directory, "checkpoint.npz")
         self.resume = resume
         self.restored_round = None
@@ -38,6 +40,8 @@ class RoundCheckpoint(keras.callbacks.Callback):
             state = checkpoint.load(self.path)
             self._trainer.set_state(state, source=self.path)
             self.restored_round = state["round"]
+            if self.verbose:
+                print(f"Resumed from {self.path} after round {state['round']}.", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         checkpoint.save(self.path, self._trainer.get_state())
