@@ -23,6 +23,12 @@ def stream_rng(seed, stream, round_index=0):
     return np.random.default_rng([int(seed), STREAMS[stream], int(round_index)])
 
 
+def client_weight_spread(weights):
+    """Mean over clients of the squared distance of their weights to the clients' average."""
+    return float(tf.add_n([tf.reduce_sum(tf.square(w - tf.reduce_mean(w, 0, keepdims=True)))
+                           for w in weights]).numpy() / int(weights[0].shape[0]))
+
+
 class DecentralizedTrainer:
     """Trains one Keras architecture on many clients that talk over a graph, without a server.
 
@@ -204,6 +210,7 @@ class DecentralizedTrainer:
             self.client_weights, self.state = weights, state
             logs["round_seconds"] = time.perf_counter() - t0
             logs.update(self.executor.round_stats())
+            logs["client_weight_spread"] = client_weight_spread(self.client_weights)
             if active is not None:
                 logs["active_clients"] = float(active.sum())
             self.round = r + 1

@@ -137,7 +137,7 @@ def _linear_setup(loss, eta, tau, d=4):
     alg = NTKDFL(learning_rate=eta, taus=(tau,), loss=loss)
     alg.init(fns, weights, clients)
     h = kernels.make_kernel(fns, "dense")(weights, clients.features, clients.mask)
-    new, cand_loss, tau_index, _ = alg._evolve(weights, weights, clients.features, clients.labels,
+    new, cand_loss, tau_index, _, _ = alg._evolve(weights, weights, clients.features, clients.labels,
                                                clients.mask, h, tf.constant(eta, tf.float32))
     assert np.all(tau_index.numpy() == 0)
     return w, x, y, mask, h, [v.numpy() for v in new], cand_loss.numpy()

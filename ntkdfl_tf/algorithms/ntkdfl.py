@@ -108,11 +108,12 @@ class NTKDFL(base.Algorithm):
                   else np.eye(num_clients, dtype=np.float32))
         size = 1 if self.order == "sequential" else min(self.client_batch, num_clients)
         losses, chosen = np.zeros(num_clients), np.zeros(num_clients)
+        flow_losses = np.zeros(num_clients)
         orders = slice_orders(clients.counts, int(clients.mask.shape[1]), self.jacobian_batches,
                               rng)
         shared = (round_index, orders)
         if self.order == "sequential":  # in place: later clients see earlier clients' updates
-            new_weights, losses, chosen, substeps = self._sequential(
+            new_weights, losses, chosen, substeps, flow_losses = self._sequential(
                 weights, mixing, index, valid, shared, eta)
         else:
             averaged = [w.numpy() for w in base.neighbour_average(mixing, weights)]
@@ -131,10 +132,11 @@ class NTKDFL(base.Algorithm):
             results = executor.map("evolve_group", calls, shared)
             new_weights = [np.empty_like(a) for a in averaged]
             substeps = []
-            for (idx, real), (new, loss, tau, steps) in zip(groups, results):
+            for (idx, real), (new, loss, tau, steps, flow) in zip(groups, results):
                 for out, v in zip(new_weights, new):
                     out[idx[:real]] = v[:real]
                 losses[idx[:real]], chosen[idx[:real]] = loss[:real], tau[:real]
+                flow_losses[idx[:real]] = flow[:real]
                 substeps.extend(steps)
             new_weights = [tf.constant(w) for w in new_weights]
         if not np.isfinite(losses).all():
@@ -144,7 +146,10 @@ class NTKDFL(base.Algorithm):
                 f"loss for client(s) {bad[:10].tolist()} (NaN/inf in kernel or flow); lower "
                 f"learning_rate (now {eta}) or the taus.", round=round_index + 1,
                 clients=bad.tolist())
+        # flow_loss: the loss the linearised flow predicted at the chosen tau; model_loss: the
+        # updated network's actual loss on the same data (the two part where linearisation fails)
         logs = {"loss": float(np.mean(losses)), "tau": float(np.mean(chosen)), "eta": eta,
+                "flow_loss": float(np.mean(flow_losses)), "model_loss": float(np.mean(losses)),
                 "euler_substeps": float(np.mean(substeps)),
                 "bytes_sent": self.bytes_sent(adjacency, clients.counts, fns)}
         return new_weights, state, logs
@@ -155,14 +160,17 @@ class NTKDFL(base.Algorithm):
         slices = self._round_slices(*shared)
         current = [tf.Variable(w) for w in weights]
         losses, chosen, substeps = np.zeros(num_clients), np.zeros(num_clients), []
+        flow_losses = np.zeros(num_clients)
         for i in range(num_clients):
             w = base.neighbour_average(mixing[i:i + 1], current)
-            new, loss, tau, steps = self.evolve(w, index[i:i + 1], valid[i:i + 1], slices, eta)
-            losses[i], chosen[i] = loss[0], tau[0]
+            new, loss, tau, steps, flow = self.evolve(w, index[i:i + 1], valid[i:i + 1], slices,
+                                                      eta)
+            losses[i], chosen[i], flow_losses[i] = loss[0], tau[0], flow[0]
             substeps.extend(steps)
             for c, v in zip(current, new):
                 c.scatter_nd_update([[i]], v)
-        return [tf.convert_to_tensor(c) for c in current], losses, chosen, substeps
+        return ([tf.convert_to_tensor(c) for c in current], losses, chosen, substeps,
+                flow_losses)
 
     # -- per-group work (pure: NumPy in, NumPy out; runs wherever the executor puts it) --------
     def _round_slices(self, round_index, orders):
@@ -182,9 +190,10 @@ class NTKDFL(base.Algorithm):
 
     def evolve_group(self, round_index, orders, weights, index, valid, eta):
         """``evolve`` for one group, from NumPy averaged weights; returns NumPy results."""
-        new, loss, tau, steps = self.evolve([tf.constant(a) for a in weights], index, valid,
-                                            self._round_slices(round_index, orders), eta)
-        return [v.numpy() for v in new], loss, tau, steps
+        new, loss, tau, steps, flow_loss = self.evolve(
+            [tf.constant(a) for a in weights], index, valid,
+            self._round_slices(round_index, orders), eta)
+        return [v.numpy() for v in new], loss, tau, steps, flow_loss
 
     def evolve(self, weights, index, valid, slices, eta):
         """Evolves a group of clients from their (averaged) weights.
@@ -196,21 +205,23 @@ class NTKDFL(base.Algorithm):
             eta: grid step.
 
         Returns:
-            ``(new_weights, loss, tau, substeps)``: the evolved weights, the chosen candidates'
-            neighbourhood loss and tau (NumPy ``[B]``, means over slices), and the Euler
-            sub-steps per grid step of each slice's flow (list; 0 for the MSE closed form).
+            ``(new_weights, loss, tau, substeps, flow_loss)``: the evolved weights, the chosen
+            candidates' neighbourhood loss and tau (NumPy ``[B]``, means over slices), the
+            Euler sub-steps per grid step of each slice's flow (list; 0 for the MSE closed
+            form), and the loss the flow itself predicted at the chosen tau (NumPy ``[B]``).
         """
-        current, losses, taus, substeps = weights, [], [], []
+        current, losses, taus, substeps, flow_losses = weights, [], [], [], []
         for part in slices:
             feats, labels, mask = gather_neighbourhood(part, index, valid)
             # Jacobians at the averaged weights; a matrix-free kernel is applied in the flow
             h = tf.zeros([]) if self._matrix_free else self._kernel(weights, feats, mask)
-            current, loss, tau_index, steps = self._evolve(weights, current, feats, labels, mask,
-                                                           h, tf.constant(eta, tf.float32))
+            current, loss, tau_index, steps, flow_loss = self._evolve(
+                weights, current, feats, labels, mask, h, tf.constant(eta, tf.float32))
             losses.append(loss.numpy())
+            flow_losses.append(flow_loss.numpy())
             taus.append(np.asarray(self.taus)[tau_index.numpy()])
             substeps.append(int(steps))
-        return current, np.mean(losses, 0), np.mean(taus, 0), substeps
+        return current, np.mean(losses, 0), np.mean(taus, 0), substeps, np.mean(flow_losses, 0)
 
     def _stiffness_of(self, weights, feats, mask):
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
@@ -230,34 +241,35 @@ class NTKDFL(base.Algorithm):
             f_lin = fns.forward(linearised, feats)
         f0 = f_lin if self.jacobian_batches == 1 else fns.forward(weights, feats)
         if self.loss == "mse":
-            r_sums, _ = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
+            r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
             substeps = tf.constant(0)
         else:
             substeps = kernels.euler_substeps(h, n, eta, mask=mask)
-            r_sums, _ = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, substeps,
-                                           record_outputs=False)
-        candidates, cand_losses = [], []
+            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, substeps)
+        def loss_of(logits):
+            if self.loss == "mse":
+                c = tf.cast(tf.shape(labels)[-1], tf.float32)
+                err = tf.reduce_sum(tf.square(logits - labels), -1) * mask / (2 * c)
+                return tf.reduce_sum(err, -1) / n
+            return base.masked_cross_entropy(logits, labels, mask)
+
+        candidates, cand_losses, flow_losses = [], [], []
         for t in range(len(self.taus)):  # a handful of candidates; each one VJP, one forward
             cotangent = r_sums[t] * (eta / n)[:, None, None]
             grads = tape.gradient(f_lin, linearised, output_gradients=cotangent)
             cand = [w - g for w, g in zip(weights, grads)]
-            logits = fns.forward(cand, feats)
-            if self.loss == "mse":
-                c = tf.cast(tf.shape(labels)[-1], tf.float32)
-                err = tf.reduce_sum(tf.square(logits - labels), -1) * mask / (2 * c)
-                cand_loss = tf.reduce_sum(err, -1) / n
-            else:
-                cand_loss = base.masked_cross_entropy(logits, labels, mask)
             candidates.append(cand)
-            cand_losses.append(cand_loss)
+            cand_losses.append(loss_of(fns.forward(cand, feats)))
+            flow_losses.append(loss_of(f_taus[t]))  # what the linearisation predicted
         del tape
         cand_losses = tf.stack(cand_losses)  # [T, B]
         safe = tf.where(tf.math.is_finite(cand_losses), cand_losses, np.inf)
         best = tf.argmin(safe, axis=0, output_type=tf.int32)  # [B]
         new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
                for v in range(len(weights))]
+        flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
         return (new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best,
-                substeps)
+                substeps, flow_loss)
 
     def bytes_sent(self, adjacency, counts, fns):
         """What the protocol transmits in one round, in bytes (float32).
