@@ -7,8 +7,6 @@ checkpointed, so the last good checkpoint stays intact.
 """
 
 
-
-
 class DivergenceError(FloatingPointError):
     """NaN or inf appeared in the weights, kernel or loss of a round.
 

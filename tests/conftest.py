@@ -29,3 +29,15 @@ def small_fashion(fashion):
     rng = np.random.default_rng(0)
     test = rng.choice(len(y_test), 2000, replace=False)
     return clients, (x_test[test], y_test[test])
+
+
+@pytest.fixture(scope="session")
+def tiny(small_fashion):
+    """8 clients of 30 real samples each and 300 test images: fast end-to-end runs."""
+    import ntkdfl_tf as nd
+
+    clients, test = small_fashion
+    sub = nd.data.ClientData.from_indices(
+        clients.x.reshape((-1,) + clients.x.shape[2:]), clients.y.reshape(-1),
+        [np.arange(k * clients.max_samples, k * clients.max_samples + 30) for k in range(8)])
+    return sub, (test[0][:300], test[1][:300])

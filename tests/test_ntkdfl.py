@@ -9,15 +9,6 @@ import ntkdfl_tf as nd
 from ntkdfl_tf.algorithms import base
 
 
-@pytest.fixture(scope="module")
-def tiny(small_fashion):
-    clients, test = small_fashion
-    sub = nd.data.ClientData.from_indices(
-        clients.x.reshape((-1,) + clients.x.shape[2:]), clients.y.reshape(-1),
-        [np.arange(k * clients.max_samples, k * clients.max_samples + 30) for k in range(8)])
-    return sub, (test[0][:300], test[1][:300])
-
-
 def _fit(clients, test, seed=0, topology=None, **kwargs):
     trainer = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.NTKDFL(taus=(20, 50), **kwargs),
                                       topology or nd.topology.RandomGraph(2), seed=seed)

@@ -9,15 +9,6 @@ from ntkdfl_tf.executors import RayExecutor
 
 
 @pytest.fixture(scope="module")
-def tiny(small_fashion):
-    clients, test = small_fashion
-    sub = nd.data.ClientData.from_indices(
-        clients.x.reshape((-1,) + clients.x.shape[2:]), clients.y.reshape(-1),
-        [np.arange(k * clients.max_samples, k * clients.max_samples + 30) for k in range(8)])
-    return sub, (test[0][:300], test[1][:300])
-
-
-@pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)

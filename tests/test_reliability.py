@@ -24,15 +24,6 @@ ALGORITHMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny(small_fashion):
-    clients, test = small_fashion
-    sub = nd.data.ClientData.from_indices(
-        clients.x.reshape((-1,) + clients.x.shape[2:]), clients.y.reshape(-1),
-        [np.arange(k * clients.max_samples, k * clients.max_samples + 30) for k in range(8)])
-    return sub, (test[0][:300], test[1][:300])
-
-
 def _trainer(name, faults=None, seed=0):
     return nd.DecentralizedTrainer(nd.models.mlp, ALGORITHMS[name](), nd.topology.RandomGraph(3),
                                    seed=seed, faults=faults)
