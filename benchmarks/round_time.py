@@ -28,6 +28,7 @@ flags.DEFINE_integer("local_epochs", 5, "DFedAvg-family local epochs.")
 flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
 flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
+flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
 flags.DEFINE_list("kappas", [], "Sweep: NTK-DFL round time for each kappa.")
 flags.DEFINE_list("samples_per_client", [], "Sweep: NTK-DFL round time per samples/client.")
 flags.DEFINE_integer("sweep_clients", 50, "Clients in the sweeps.")
@@ -42,7 +43,8 @@ def peak_rss_mb():
 def make_algorithm(name):
     if name == "ntk_dfl":
         return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
-                                    client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile)
+                                    client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile,
+                                    substep_rule=FLAGS.substep_rule)
     return nd.algorithms.get(name, local_epochs=FLAGS.local_epochs)
 
 
@@ -67,7 +69,7 @@ def time_rounds(name, clients, kappa, **fields):
             "traces_after_warmup": traces.counts[0], "traces_after_last": traces.counts[-1]}
     if name == "ntk_dfl":
         line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=FLAGS.client_batch,
-                    jit_compile=FLAGS.jit_compile,
+                    jit_compile=FLAGS.jit_compile, substep_rule=FLAGS.substep_rule,
                     euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]])
     else:
         line["local_epochs"] = FLAGS.local_epochs

@@ -27,6 +27,7 @@ flags.DEFINE_float("budget_factor", None, "If set, every algorithm after the fir
 flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
 flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
+flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
 flags.DEFINE_integer("local_epochs", None, "DFedAvg local epochs (default: the paper's 20).")
 flags.DEFINE_integer("seed", 0, "Root seed.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
@@ -49,7 +50,8 @@ class _PrintRound(keras.callbacks.Callback):
 def make_algorithm(name):
     if name == "ntk_dfl":
         return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
-                                    client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile)
+                                    client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile,
+                                    substep_rule=FLAGS.substep_rule)
     options = {} if FLAGS.local_epochs is None else {"local_epochs": FLAGS.local_epochs}
     return nd.algorithms.get(name, **options)
 

@@ -32,6 +32,8 @@ _HELP = {
     "client_batch": "NTK-DFL clients evolved in one TensorFlow call (with jacobian_batches > 1 "
                     "and jit_compile, 30-60 is fastest on CPU).",
     "jit_compile": "NTK-DFL: compile the per-client evolution with XLA.",
+    "substep_rule": "NTK-DFL Euler sub-steps: adaptive (from the flow's own stiffness, redone "
+                    "with the bound if the flow loss rises) or bound (lambda_max(H/N)/2).",
     "local_learning_rate": "Baselines: local SGD learning rate.",
     "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines: local epochs.",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",

@@ -9,9 +9,11 @@ from ntkdfl_tf import kernels
 from ntkdfl_tf.algorithms import NTKDFL
 from ntkdfl_tf.algorithms.base import ClientTensors
 from ntkdfl_tf.functional import ModelFunctions
+from ntkdfl_tf.kernels import flow as flow_module
 
 B, N, C = 2, 12, 3
 EULER = tf.function(kernels.euler_flow)  # traced: eager while-loops are slow
+ADAPTIVE = tf.function(kernels.adaptive_euler_flow)
 
 
 def _problem(scale, top=0.0, seed=0):
@@ -102,6 +104,77 @@ def test_cross_entropy_flow_matches_rk4_reference():
     assert np.all(finer < chosen / 2.5)  # first-order convergence towards the reference
 
 
+def _rk4_reference(h, f0, y, mask, n, eta, taus, fine=50):
+    """R_tau and f(tau * eta) of the CE flow by RK4 with ``fine`` steps per grid step (NumPy)."""
+    m, hd = mask[..., None].astype(np.float64), h.astype(np.float64)
+    rhs = lambda f: -(hd @ ((_softmax(f) - y) * m)) / n[:, None, None]
+    f, acc, r_ref, f_ref = f0.astype(np.float64), 0.0, [], []
+    for s in range(max(taus)):
+        acc = acc + (_softmax(f) - y) * m
+        for _ in range(fine):
+            dt = eta / fine
+            k1 = rhs(f); k2 = rhs(f + dt / 2 * k1); k3 = rhs(f + dt / 2 * k2); k4 = rhs(f + dt * k3)
+            f = f + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        if s + 1 in taus:
+            r_ref.append(acc)
+            f_ref.append(f)
+    return r_ref, f_ref
+
+
+def _confidently_wrong(y):
+    """Logits that put 8 nats on a wrong class: S(f0) ~ 0, and it grows as the flow fixes them."""
+    return (8.0 * np.roll(y, 1, axis=-1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("start", ["random", "confidently_wrong"])
+def test_flow_stiffness_matches_explicit_eigenvalues(start):
+    """mu = lambda_max((1/N) H S(f)) against NumPy's eigenvalues of the explicit NC x NC matrix."""
+    h, f0, y, mask, n = _problem(scale=3.0, top=20.0, seed=1)
+    f = f0 if start == "random" else _confidently_wrong(y)
+    mu, _ = kernels.flow_stiffness(*_tf(h, f, mask, n))
+    for b in range(B):
+        p = _softmax(f[b].astype(np.float64))
+        s = np.zeros((N * C, N * C))
+        for i in np.flatnonzero(mask[b]):
+            s[i * C:(i + 1) * C, i * C:(i + 1) * C] = np.diag(p[i]) - np.outer(p[i], p[i])
+        a = np.kron(h[b].astype(np.float64), np.eye(C)) @ s / n[b]
+        expected = np.linalg.eigvals(a).real.max()
+        assert abs(mu[b] - expected) < 0.05 * expected
+        assert expected <= np.linalg.eigvalsh(h[b].astype(np.float64)).max() / n[b] / 2 + 1e-9
+
+
+@pytest.mark.parametrize("start", ["random", "confidently_wrong"])
+@pytest.mark.parametrize("eta,taus", [(0.1, (10, 30, 60)), (1.0, (20, 60, 150))])
+def test_adaptive_flow_matches_rk4_reference_with_fewer_steps(start, eta, taus):
+    h, f0, y, mask, n = _problem(scale=3.0, top=20.0, seed=1)
+    f0 = f0 if start == "random" else _confidently_wrong(y)
+    r_ref, f_ref = _rk4_reference(h, f0, y, mask, n, eta, taus)
+    args = _tf(h, f0, y, mask, n) + [tf.constant(eta)]
+    r, f, substeps, monotone = ADAPTIVE(*args, taus=taus, recheck=5)
+    bound = int(kernels.euler_substeps(args[0], args[4], args[5]))
+    assert bool(monotone) and 1.0 <= float(substeps) < bound
+    for t in range(len(taus)):  # measured: <= 4.2% (R) where the bound's step gives <= 0.8%
+        assert _rel(r[t], r_ref[t]) < 0.06 and _rel(f[t], f_ref[t]) < 0.06
+    # bound_step: the same flow as euler_flow with the bound's sub-steps
+    r_b, f_b, steps_b, _ = ADAPTIVE(*args, taus=taus, recheck=5, bound_step=tf.constant(True))
+    r_e, f_e = EULER(*args, tf.constant(taus), substeps=tf.constant(bound))
+    assert float(steps_b) == bound
+    np.testing.assert_allclose(r_b, r_e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f_b, f_e, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_flow_reports_a_rising_loss(monkeypatch):
+    """With the stiffness estimate forced to 0 (one step per grid step, far too long), the flow
+    loss rises and ``monotone`` is False; the true stiffness keeps it True."""
+    h, f0, y, mask, n = _problem(scale=3.0, top=20.0, seed=1)
+    args = _tf(h, f0, y, mask, n) + [tf.constant(1.0)]
+    assert bool(tf.function(kernels.adaptive_euler_flow)(*args, taus=(20, 60))[3])
+    monkeypatch.setattr(flow_module, "flow_stiffness",
+                        lambda h, f, mask, n, loss, iterations=30, start=None:
+                        (tf.zeros_like(n), tf.zeros_like(f) if start is None else start))
+    assert not bool(tf.function(kernels.adaptive_euler_flow)(*args, taus=(20, 60))[3])
+
+
 @pytest.mark.parametrize("spectrum", ["wishart", "gapped"])
 def test_lambda_max_matches_eigvalsh(spectrum):
     """Power iteration: exact with a spectral gap, never above and within 10% without one."""
@@ -137,8 +210,10 @@ def _linear_setup(loss, eta, tau, d=4):
     alg = NTKDFL(learning_rate=eta, taus=(tau,), loss=loss)
     alg.init(fns, weights, clients)
     h = kernels.make_kernel(fns, "dense")(weights, clients.features, clients.mask)
-    new, cand_loss, tau_index, _, _ = alg._evolve(weights, weights, clients.features, clients.labels,
-                                               clients.mask, h, tf.constant(eta, tf.float32))
+    new, cand_loss, tau_index, _, _, monotone = alg._evolve(
+        weights, weights, clients.features, clients.labels, clients.mask, h,
+        tf.constant(eta, tf.float32), tf.constant(False))
+    assert bool(monotone)
     assert np.all(tau_index.numpy() == 0)
     return w, x, y, mask, h, [v.numpy() for v in new], cand_loss.numpy()
 

@@ -194,3 +194,41 @@ def test_linearisation_logs_flow_and_model_loss_and_weight_spread(tiny):
     # 0.05, where tau * eta reaches 2.5 and the linearisation no longer holds
     assert gaps[1e-4] < 0.05
     assert gaps[0.05] > 10 * gaps[1e-4]
+
+
+def test_adaptive_substeps_train_like_the_bound_with_fewer_steps(tiny):
+    clients, test = tiny
+    adaptive, ha = _fit(clients, test, jacobian_batches=2)
+    bound, hb = _fit(clients, test, jacobian_batches=2, substep_rule="bound")
+    a, b = ha.history, hb.history
+    assert sum(a["euler_substeps"]) < sum(b["euler_substeps"])
+    assert a["flow_fallbacks"] == [0.0, 0.0]
+    # two first-order Euler approximations of one flow (measured on this data: 1 against 2
+    # sub-steps, the same taus, losses within 3%, weights apart by 10% of the two rounds' move)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=0.05)
+    assert a["tau"] == b["tau"]
+    for wa, wb, w0 in zip(adaptive.client_weights, bound.client_weights,
+                          adaptive.fns.initial_weights()):
+        step = np.linalg.norm(wb.numpy() - w0[None])
+        assert np.linalg.norm(wa.numpy() - wb.numpy()) < 0.2 * step
+    assert abs(a["val_accuracy"][-1] - b["val_accuracy"][-1]) < 0.03
+
+
+def test_adaptive_step_falls_back_to_the_bound_when_the_flow_loss_rises(tiny, monkeypatch):
+    """A flow that reports a rising loss is redone with the bound step: with every adaptive
+    flow made to report one, each slice is redone and the run equals substep_rule='bound'."""
+    clients, test = tiny
+    real = nd.kernels.adaptive_euler_flow
+
+    def always_rising(*args, bound_step=False, **kwargs):
+        r, f, steps, _ = real(*args, bound_step=bound_step, **kwargs)
+        return r, f, steps, tf.convert_to_tensor(bound_step)  # monotone only on the bound
+
+    monkeypatch.setattr(nd.kernels, "adaptive_euler_flow", always_rising)
+    redone, hr = _fit(clients, test, jacobian_batches=2)
+    monkeypatch.undo()
+    bound, hb = _fit(clients, test, jacobian_batches=2, substep_rule="bound")
+    assert hr.history["flow_fallbacks"] == [16.0, 16.0]  # 8 clients one by one, 2 slices each
+    assert hr.history["euler_substeps"] == hb.history["euler_substeps"]
+    for wr, wb in zip(redone.client_weights, bound.client_weights):
+        np.testing.assert_allclose(wr.numpy(), wb.numpy(), rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ from ntkdfl_tf.errors import DivergenceError
 
 LOSSES = ("cross_entropy", "mse")
 ORDERS = ("synchronous", "sequential")
+SUBSTEP_RULES = ("adaptive", "bound")
 
 
 class NTKDFL(base.Algorithm):
@@ -43,6 +44,12 @@ class NTKDFL(base.Algorithm):
             weights and the outputs at the current weights. Kernel and flow cost fall ~m-fold.
         jit_compile: compile the flow, candidate updates and tau choice with XLA (fuses the
             Euler step's element-wise work; 2-3x faster for batched clients on CPU).
+        substep_rule: how many Euler sub-steps per grid step the cross-entropy flow takes.
+            ``"adaptive"`` (default): from the flow's own stiffness lambda_max((1/N) H S(f)),
+            re-estimated every 25 grid steps (``kernels.adaptive_euler_flow``); if the flow
+            loss ever rises (the step was too long after all), the slice is redone with the
+            bound. ``"bound"``: always the bound lambda_max(H/N)/2, safe for any f
+            (``kernels.euler_substeps``); 2-3x more steps in later rounds.
     """
 
     name = "ntk_dfl"
@@ -50,13 +57,16 @@ class NTKDFL(base.Algorithm):
     def __init__(self, learning_rate=0.01, taus=(100, 200, 300, 400, 500, 600, 800),
                  loss="cross_entropy", kernel="auto", per_round_averaging=True,
                  order="synchronous", client_batch=1, jacobian_chunk=128, jacobian_batches=1,
-                 jit_compile=False):
+                 jit_compile=False, substep_rule="adaptive"):
         taus = tuple(int(t) for t in np.atleast_1d(taus))
         if not taus or taus[0] < 1 or any(b <= a for a, b in zip(taus, taus[1:])):
             raise ValueError(f"taus must be positive and strictly increasing, got {taus}; "
                              "e.g. taus=(100, 200, 300, 400, 500, 600, 800).")
         if loss not in LOSSES:
             raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+        if substep_rule not in SUBSTEP_RULES:
+            raise ValueError(f"Unknown substep_rule {substep_rule!r}; choose one of "
+                             f"{', '.join(SUBSTEP_RULES)}.")
         if order not in ORDERS:
             raise ValueError(f"Unknown order {order!r}; choose one of {', '.join(ORDERS)}.")
         if kernel != "auto" and kernel not in kernels.KERNELS:
@@ -84,6 +94,7 @@ class NTKDFL(base.Algorithm):
         self.order = order
         self.client_batch = client_batch
         self.jacobian_chunk = jacobian_chunk
+        self.substep_rule = substep_rule
         self._built_for = None
 
     # -- set-up -----------------------------------------------------------------------------
@@ -113,7 +124,7 @@ class NTKDFL(base.Algorithm):
                               rng)
         shared = (round_index, orders)
         if self.order == "sequential":  # in place: later clients see earlier clients' updates
-            new_weights, losses, chosen, substeps, flow_losses = self._sequential(
+            new_weights, losses, chosen, substeps, flow_losses, fallbacks = self._sequential(
                 weights, mixing, index, valid, shared, eta)
         else:
             averaged = [w.numpy() for w in base.neighbour_average(mixing, weights)]
@@ -131,13 +142,14 @@ class NTKDFL(base.Algorithm):
                      for idx, _ in groups]
             results = executor.map("evolve_group", calls, shared)
             new_weights = [np.empty_like(a) for a in averaged]
-            substeps = []
-            for (idx, real), (new, loss, tau, steps, flow) in zip(groups, results):
+            substeps, fallbacks = [], 0
+            for (idx, real), (new, loss, tau, steps, flow, redone) in zip(groups, results):
                 for out, v in zip(new_weights, new):
                     out[idx[:real]] = v[:real]
                 losses[idx[:real]], chosen[idx[:real]] = loss[:real], tau[:real]
                 flow_losses[idx[:real]] = flow[:real]
                 substeps.extend(steps)
+                fallbacks += redone
             new_weights = [tf.constant(w) for w in new_weights]
         if not np.isfinite(losses).all():
             bad = np.flatnonzero(~np.isfinite(losses))
@@ -150,7 +162,7 @@ class NTKDFL(base.Algorithm):
         # updated network's actual loss on the same data (the two part where linearisation fails)
         logs = {"loss": float(np.mean(losses)), "tau": float(np.mean(chosen)), "eta": eta,
                 "flow_loss": float(np.mean(flow_losses)), "model_loss": float(np.mean(losses)),
-                "euler_substeps": float(np.mean(substeps)),
+                "euler_substeps": float(np.mean(substeps)), "flow_fallbacks": float(fallbacks),
                 "bytes_sent": self.bytes_sent(adjacency, clients.counts, fns)}
         return new_weights, state, logs
 
@@ -160,17 +172,18 @@ class NTKDFL(base.Algorithm):
         slices = self._round_slices(*shared)
         current = [tf.Variable(w) for w in weights]
         losses, chosen, substeps = np.zeros(num_clients), np.zeros(num_clients), []
-        flow_losses = np.zeros(num_clients)
+        flow_losses, fallbacks = np.zeros(num_clients), 0
         for i in range(num_clients):
             w = base.neighbour_average(mixing[i:i + 1], current)
-            new, loss, tau, steps, flow = self.evolve(w, index[i:i + 1], valid[i:i + 1], slices,
-                                                      eta)
+            new, loss, tau, steps, flow, redone = self.evolve(w, index[i:i + 1], valid[i:i + 1],
+                                                              slices, eta)
             losses[i], chosen[i], flow_losses[i] = loss[0], tau[0], flow[0]
             substeps.extend(steps)
+            fallbacks += redone
             for c, v in zip(current, new):
                 c.scatter_nd_update([[i]], v)
         return ([tf.convert_to_tensor(c) for c in current], losses, chosen, substeps,
-                flow_losses)
+                flow_losses, fallbacks)
 
     # -- per-group work (pure: NumPy in, NumPy out; runs wherever the executor puts it) --------
     def _round_slices(self, round_index, orders):
@@ -190,10 +203,10 @@ class NTKDFL(base.Algorithm):
 
     def evolve_group(self, round_index, orders, weights, index, valid, eta):
         """``evolve`` for one group, from NumPy averaged weights; returns NumPy results."""
-        new, loss, tau, steps, flow_loss = self.evolve(
+        new, loss, tau, steps, flow_loss, redone = self.evolve(
             [tf.constant(a) for a in weights], index, valid,
             self._round_slices(round_index, orders), eta)
-        return [v.numpy() for v in new], loss, tau, steps, flow_loss
+        return [v.numpy() for v in new], loss, tau, steps, flow_loss, redone
 
     def evolve(self, weights, index, valid, slices, eta):
         """Evolves a group of clients from their (averaged) weights.
@@ -205,23 +218,31 @@ class NTKDFL(base.Algorithm):
             eta: grid step.
 
         Returns:
-            ``(new_weights, loss, tau, substeps, flow_loss)``: the evolved weights, the chosen
-            candidates' neighbourhood loss and tau (NumPy ``[B]``, means over slices), the
-            Euler sub-steps per grid step of each slice's flow (list; 0 for the MSE closed
-            form), and the loss the flow itself predicted at the chosen tau (NumPy ``[B]``).
+            ``(new_weights, loss, tau, substeps, flow_loss, redone)``: the evolved weights, the
+            chosen candidates' neighbourhood loss and tau (NumPy ``[B]``, means over slices),
+            the Euler sub-steps per grid step of each slice's flow (list; 0 for the MSE closed
+            form), the loss the flow itself predicted at the chosen tau (NumPy ``[B]``), and
+            how many slices were redone with the bound step (``substep_rule``).
         """
-        current, losses, taus, substeps, flow_losses = weights, [], [], [], []
+        current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
+        eta = tf.constant(eta, tf.float32)
         for part in slices:
             feats, labels, mask = gather_neighbourhood(part, index, valid)
             # Jacobians at the averaged weights; a matrix-free kernel is applied in the flow
             h = tf.zeros([]) if self._matrix_free else self._kernel(weights, feats, mask)
-            current, loss, tau_index, steps, flow_loss = self._evolve(
-                weights, current, feats, labels, mask, h, tf.constant(eta, tf.float32))
+            args = (weights, current, feats, labels, mask, h, eta)
+            bound = self.substep_rule == "bound"
+            *result, monotone = self._evolve(*args, tf.constant(bound))
+            if not bound and not bool(monotone):  # the adaptive step was too long: redo safely
+                *result, _ = self._evolve(*args, tf.constant(True))
+                redone += 1
+            current, loss, tau_index, steps, flow_loss = result
             losses.append(loss.numpy())
             flow_losses.append(flow_loss.numpy())
             taus.append(np.asarray(self.taus)[tau_index.numpy()])
-            substeps.append(int(steps))
-        return current, np.mean(losses, 0), np.mean(taus, 0), substeps, np.mean(flow_losses, 0)
+            substeps.append(float(steps))
+        return (current, np.mean(losses, 0), np.mean(taus, 0), substeps, np.mean(flow_losses, 0),
+                redone)
 
     def _stiffness_of(self, weights, feats, mask):
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
@@ -229,8 +250,12 @@ class NTKDFL(base.Algorithm):
              else self._kernel(weights, feats, mask))
         return kernels.lambda_max(h, mask=mask) / n
 
-    def _evolve_group(self, linearised, weights, feats, labels, mask, h, eta):
-        """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``."""
+    def _evolve_group(self, linearised, weights, feats, labels, mask, h, eta, bound_step):
+        """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``.
+
+        ``bound_step`` (bool tensor) picks the Euler step: the bound for any f, or the adaptive
+        one. The last output says whether every flow loss was finite and non-increasing.
+        """
         fns = self._fns
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
         taus = tf.constant(self.taus, tf.int32)
@@ -242,10 +267,16 @@ class NTKDFL(base.Algorithm):
         f0 = f_lin if self.jacobian_batches == 1 else fns.forward(weights, feats)
         if self.loss == "mse":
             r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
-            substeps = tf.constant(0)
+            substeps, monotone = tf.constant(0.0), tf.constant(True)
+        elif self.substep_rule == "bound":
+            steps = kernels.euler_substeps(h, n, eta, mask=mask)
+            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, steps)
+            substeps = tf.cast(steps, tf.float32)
+            monotone = tf.constant(True)
         else:
-            substeps = kernels.euler_substeps(h, n, eta, mask=mask)
-            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, substeps)
+            r_sums, f_taus, substeps, monotone = kernels.adaptive_euler_flow(
+                h, f0, labels, mask, n, eta, self.taus, bound_step=bound_step)
+
         def loss_of(logits):
             if self.loss == "mse":
                 c = tf.cast(tf.shape(labels)[-1], tf.float32)
@@ -269,7 +300,7 @@ class NTKDFL(base.Algorithm):
                for v in range(len(weights))]
         flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
         return (new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best,
-                substeps, flow_loss)
+                substeps, flow_loss, monotone)
 
     def bytes_sent(self, adjacency, counts, fns):
         """What the protocol transmits in one round, in bytes (float32).
