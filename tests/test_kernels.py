@@ -192,3 +192,28 @@ def test_matrix_free_operator_equals_dense_kernel_products_inside_a_loop():
     for _ in range(3):
         expected = tf.matmul(h, expected) / 10.0
     _close(three_products(v0), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ("explicit", "auto"))
+def test_cnn_explicit_kernel_matches_direct_jacobian_product(kind):
+    """nd.models.cnn through make_kernel (explicit; auto falls back to it) equals H = (1/C) sum_c
+    J_c J_c^T formed from per-sample, per-logit GradientTape gradients of the Keras model itself,
+    for two clients with distinct weights, a padded sample and a chunk smaller than N."""
+    keras.utils.set_random_seed(0)
+    model = nd.models.cnn()
+    fns = ModelFunctions(model)
+    assert not fns.is_dense_stack and fns.num_params == 179_926
+    rng = np.random.default_rng(7)
+    # client 0: the initial weights; client 1: each tensor perturbed by 20% of its own scale
+    weights = [tf.constant(np.stack([w, w + 0.2 * (np.std(w) + 0.01) * rng.standard_normal(
+        w.shape)]).astype(np.float32)) for w in fns.initial_weights()]
+    images = rng.integers(0, 256, (2, 4, 28, 28, 1)).astype(np.float32)  # raw pixels
+    feats = tf.stack([fns.features(x) for x in images])
+    mask = np.ones((2, 4), np.float32)
+    mask[1, 3] = 0.0
+    h = kernels.make_kernel(fns, kind, chunk=3)(weights, feats, tf.constant(mask)).numpy()
+    expected = _reference_kernel(model, weights, feats) * mask[:, :, None] * mask[:, None, :]
+    assert h.shape == (2, 4, 4)
+    assert np.abs(expected[1] - expected[0]).max() > 0.1 * np.abs(expected).max()  # distinct
+    # float32 contraction over P = 179,926 parameters: measured 9e-6 of max |H| (H ~ 8e3)
+    _close(h, expected, rtol=2e-5)
