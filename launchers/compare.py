@@ -19,7 +19,8 @@ from ntkdfl_tf import compare, experiment
 SWEPT = ("algorithm", "alpha", "num_neighbors", "topology", "dropout", "run_name", "save_dir")
 run_flags.define(skip=SWEPT)
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms to compare.")
-flags.DEFINE_list("alphas", None, "Dirichlet alphas to sweep (default: 0.1).")
+flags.DEFINE_list("alphas", None, "Dirichlet alphas to sweep, 'iid' for an IID partition "
+                  "(default: 0.1).")
 flags.DEFINE_list("num_neighbors", None, "Random-graph degrees to sweep (default: 5).")
 flags.DEFINE_list("topologies", None, "Topologies to sweep, e.g. random,ring (default: random).")
 flags.DEFINE_list("dropouts", None, "Client dropout probabilities to sweep (default: 0).")
@@ -36,7 +37,7 @@ def main(argv):
         values["logdir"] = "runs/compare"
     try:
         compare.compare(experiment.Config(**values), FLAGS.algorithms,
-                        alphas=[float(a) for a in FLAGS.alphas or []],
+                        alphas=[a if a == "iid" else float(a) for a in FLAGS.alphas or []],
                         num_neighbors=[int(k) for k in FLAGS.num_neighbors or []],
                         topologies=FLAGS.topologies, ablation=FLAGS.ablation,
                         target_accuracy=FLAGS.target_accuracy,

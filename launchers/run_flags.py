@@ -17,7 +17,7 @@ _HELP = {
                 "folder, then tfds).",
     "model": "mlp or cnn.", "hidden": "MLP hidden width.", "num_clients": "Number of clients.",
     "partition": "dirichlet, iid or shards.", "alpha": "Dirichlet concentration.",
-    "samples_per_client": "Samples per client under the paper's Dirichlet rule; 0 splits the "
+    "samples_per_client": "Samples per client, the paper's rule (dirichlet, iid); 0 splits the "
                           "whole training set disjointly.",
     "topology": "random (kappa-regular, redrawn each round), erdos_renyi, ring or full.",
     "num_neighbors": "Degree kappa of the random graph.",

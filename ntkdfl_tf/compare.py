@@ -2,7 +2,10 @@
 
 ``compare(base, algorithms, ...)`` runs every combination into ``<logdir>/<run>/`` (history.csv,
 TensorBoard events, the aggregated model) and writes ``<logdir>/summary.csv`` plus, when
-matplotlib is installed (the ``plot`` extra), ``accuracy.png`` and ``accuracy_vs_bytes.png``.
+matplotlib is installed (the ``plot`` extra), ``accuracy.png`` and ``accuracy_vs_bytes.png``;
+``linearisation.png`` (NTK-DFL's flow_loss against model_loss per round) when an NTK-DFL run is in
+it; ``heterogeneity.png`` (aggregate-minus-mean-client gap and client_weight_spread against alpha)
+for an alpha sweep; ``dropout.png`` (accuracy against client dropout) for a dropout sweep.
 Every run shares the root seed, so data partition, topology stream and initial weights agree.
 """
 
@@ -16,10 +19,11 @@ import numpy as np
 
 from ntkdfl_tf import data, experiment
 
-SUMMARY_FIELDS = ("run", "algorithm", "alpha", "num_neighbors", "topology", "dropout",
-                  "per_round_averaging",
+SUMMARY_FIELDS = ("run", "algorithm", "partition", "alpha", "num_neighbors", "topology",
+                  "dropout", "per_round_averaging",
                   "rounds", "rounds_to_target", "best_accuracy", "final_accuracy",
-                  "final_client_mean_accuracy", "total_bytes_sent", "wall_seconds")
+                  "final_client_mean_accuracy", "aggregate_gain", "final_client_weight_spread",
+                  "total_bytes_sent", "wall_seconds")
 
 
 def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, ablation=False,
@@ -29,7 +33,8 @@ def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, abl
     Args:
         base: the Config every run starts from.
         algorithms: algorithm names.
-        alphas, num_neighbors, topologies: sweep values (None: the base's value only).
+        alphas, num_neighbors, topologies: sweep values (None: the base's value only); an
+            alpha of ``"iid"`` is an IID partition.
         ablation: also run NTK-DFL without per-round averaging.
         dropouts: client dropout probabilities to sweep (None: the base's value only).
     """
@@ -44,13 +49,16 @@ def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, abl
         variants = [True, False] if ablation and alg == "ntk_dfl" else [True]
         for averaging in variants:
             name = alg
+            iid = alpha == "iid"
             if sweep:
-                name += f"_alpha{alpha:g}_k{kappa}_{topo}"
+                name += f"_{'iid' if iid else f'alpha{alpha:g}'}_k{kappa}_{topo}"
             if len(dropouts) > 1:
                 name += f"_dropout{drop:g}"
             if not averaging:
                 name += "_no_averaging"
-            cfg = dataclasses.replace(base, algorithm=alg, alpha=alpha, num_neighbors=kappa,
+            cfg = dataclasses.replace(base, algorithm=alg, num_neighbors=kappa,
+                                      alpha=base.alpha if iid else float(alpha),
+                                      partition="iid" if iid else base.partition,
                                       topology=topo, dropout=drop, per_round_averaging=averaging,
                                       logdir=os.path.join(base.logdir, name),
                                       save_dir=os.path.join(base.logdir, name), run_name="model")
@@ -62,12 +70,16 @@ def summarise(name, cfg, history, seconds, target):
     h = history.history
     acc = np.asarray(h.get("val_accuracy", [np.nan]))
     hit = np.flatnonzero(acc >= target)
-    return {"run": name, "algorithm": cfg.algorithm, "alpha": cfg.alpha,
+    final_client = float(h.get("val_client_mean_accuracy", [np.nan])[-1])
+    return {"run": name, "algorithm": cfg.algorithm, "partition": cfg.partition,
+            "alpha": cfg.alpha,
             "num_neighbors": cfg.num_neighbors, "topology": cfg.topology, "dropout": cfg.dropout,
             "per_round_averaging": cfg.per_round_averaging, "rounds": len(acc),
             "rounds_to_target": int(hit[0]) + 1 if hit.size else "",
             "best_accuracy": float(np.max(acc)), "final_accuracy": float(acc[-1]),
-            "final_client_mean_accuracy": float(h.get("val_client_mean_accuracy", [np.nan])[-1]),
+            "final_client_mean_accuracy": final_client,
+            "aggregate_gain": float(acc[-1]) - final_client,
+            "final_client_weight_spread": float(h.get("client_weight_spread", [np.nan])[-1]),
             "total_bytes_sent": float(np.sum(h["bytes_sent"])), "wall_seconds": round(seconds, 1)}
 
 
@@ -80,8 +92,8 @@ def write_summary(path, rows):
     os.replace(tmp, path)
 
 
-def plot(logdir, histories):
-    """accuracy.png and accuracy_vs_bytes.png; returns the paths, or [] without matplotlib."""
+def plot(logdir, histories, rows=()):
+    """The figures of the module docstring; returns their paths, or [] without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -109,7 +121,83 @@ def plot(logdir, histories):
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
+    paths += _plot_linearisation(plt, logdir, histories) + _plot_sweeps(plt, logdir, rows)
     return paths
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def _plot_linearisation(plt, logdir, histories):
+    """Where the kernel flow's predicted loss and the real network's loss part, round by round."""
+    runs = {k: h for k, h in histories.items() if "flow_loss" in h}
+    if not runs:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, h) in enumerate(runs.items()):
+        r = np.arange(1, len(h["flow_loss"]) + 1)
+        color = f"C{i}"
+        ax.plot(r, h["flow_loss"], "--", color=color, label=f"{name}: flow_loss (kernel flow)")
+        ax.plot(r, h["model_loss"], "-o", color=color, markersize=3,
+                label=f"{name}: model_loss (network)")
+    ax.set_yscale("log")
+    ax.set_xlabel("communication round")
+    ax.set_ylabel("neighbourhood cross-entropy at the chosen tau")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, os.path.join(logdir, "linearisation.png"))
+
+
+def _plot_sweeps(plt, logdir, rows):
+    paths = []
+    for key, fname, xlabel in (("alpha", "heterogeneity.png", "Dirichlet alpha (IID at right)"),
+                               ("dropout", "dropout.png", "client dropout probability")):
+        values = {_sweep_value(r, key) for r in rows}
+        if len(values) < 2:
+            continue
+        if key == "alpha":  # gap beside spread: does inter-client variance explain the lead?
+            fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, alg in enumerate(sorted({r["algorithm"] for r in rows})):
+            sel = sorted((r for r in rows if r["algorithm"] == alg and r["per_round_averaging"]),
+                         key=lambda r: _sweep_value(r, key))
+            x = [_sweep_value(r, key) for r in sel]
+            if key == "alpha":
+                ax.plot(x, [r["aggregate_gain"] for r in sel], "-o", color=f"C{i}", label=alg)
+                ax2.plot(x, [r["final_client_weight_spread"] for r in sel], "-o", color=f"C{i}",
+                         label=alg)
+            else:
+                ax.plot(x, [r["final_accuracy"] for r in sel], "-o", color=f"C{i}",
+                        label=f"{alg}: aggregate")
+                ax.plot(x, [r["final_client_mean_accuracy"] for r in sel], "--s", color=f"C{i}",
+                        label=f"{alg}: mean client")
+        if key == "alpha":
+            ax.set_xscale("log")
+            ax2.set_xscale("log")
+            ax.set_ylabel("aggregate minus mean-client test accuracy")
+            ax2.set_ylabel("client_weight_spread (final round)")
+            ax2.set_yscale("log")
+            ax2.set_xlabel(xlabel)
+            ax2.grid(alpha=0.3)
+            ax2.legend(fontsize=8)
+        else:
+            ax.set_ylabel("test accuracy, final round")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths += _save(plt, fig, os.path.join(logdir, fname))
+    return paths
+
+
+def _sweep_value(row, key):
+    if key == "alpha" and row["partition"] == "iid":
+        return 1e3  # plotted at the right of every alpha: IID is alpha -> infinity
+    return float(row[key])
 
 
 def compare(base, algorithms, alphas=None, num_neighbors=None, topologies=None, ablation=False,
@@ -131,7 +219,7 @@ def compare(base, algorithms, alphas=None, num_neighbors=None, topologies=None, 
         rows.append(summarise(name, cfg, history, time.perf_counter() - start, target_accuracy))
         histories[name] = history.history
         write_summary(summary, rows)
-    figures = plot(base.logdir, histories)
+    figures = plot(base.logdir, histories, rows)
     if base.verbose:
         print(f"summary: {summary}" + "".join(f"\nfigure:  {p}" for p in figures))
     return rows

@@ -146,6 +146,9 @@ def partition(cfg, x, y):
     if cfg.partition == "dirichlet":
         return data.dirichlet_partition(x, y, cfg.num_clients, cfg.alpha, seed=seed,
                                         samples_per_client=cfg.samples_per_client or None)
+    if cfg.partition == "iid":
+        return data.iid_partition(x, y, cfg.num_clients, seed=seed,
+                                  samples_per_client=cfg.samples_per_client or None)
     if cfg.partition in data.PARTITIONS:
         return data.PARTITIONS[cfg.partition](x, y, cfg.num_clients, seed=seed)
     raise ValueError(f"Unknown partition {cfg.partition!r}; choose one of "

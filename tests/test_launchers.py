@@ -39,19 +39,27 @@ def test_bad_flag_value_is_one_clear_line(tmp_path):
 
 def test_compare_writes_histories_summary_and_figures(tmp_path):
     out = _run("compare.py", *TINY, "--algorithms=ntk_dfl,dfedavg", "--target_accuracy=0.2",
-               f"--logdir={tmp_path}")
+               "--alphas=0.1,iid", f"--logdir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
-    for alg in ("ntk_dfl", "dfedavg"):
-        assert os.path.exists(tmp_path / alg / "history.csv")
+    names = [f"{alg}_{part}_k2_random" for alg in ("ntk_dfl", "dfedavg")
+             for part in ("alpha0.1", "iid")]
+    for name in names:
+        assert os.path.exists(tmp_path / name / "history.csv")
     with open(tmp_path / "summary.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"ntk_dfl", "dfedavg"}
+    assert set(rows) == set(names)
     for r in rows.values():
         assert 0.0 < float(r["final_accuracy"]) <= float(r["best_accuracy"]) <= 1.0
         assert r["rounds_to_target"] in ("1", "2")  # 20% is reached within two rounds
+        assert r["partition"] == ("iid" if "iid" in r["run"] else "dirichlet")
+        gain = float(r["final_accuracy"]) - float(r["final_client_mean_accuracy"])
+        assert abs(float(r["aggregate_gain"]) - gain) < 1e-9
+        assert 0.0 < float(r["final_client_weight_spread"]) < float("inf")
     # NTK-DFL sends Jacobians as well as weights: far more bytes per round
-    assert float(rows["ntk_dfl"]["total_bytes_sent"]) > 10 * float(rows["dfedavg"]["total_bytes_sent"])
-    for fig in ("accuracy.png", "accuracy_vs_bytes.png"):
+    assert (float(rows["ntk_dfl_iid_k2_random"]["total_bytes_sent"])
+            > 10 * float(rows["dfedavg_iid_k2_random"]["total_bytes_sent"]))
+    for fig in ("accuracy.png", "accuracy_vs_bytes.png", "linearisation.png",
+                "heterogeneity.png"):
         assert (tmp_path / fig).stat().st_size > 1000
 
 

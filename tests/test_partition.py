@@ -104,6 +104,19 @@ def test_iid_partition():
     assert all(np.array_equal(i, j) for i, j in zip(data.indices, again.indices))
 
 
+def test_iid_partition_with_samples_per_client():
+    """The paper's rule without label skew: n distinct samples per client, labels near uniform."""
+    x, y = _data(5000)
+    data = iid_partition(x, y, 40, seed=1, samples_per_client=200)
+    assert np.all(data.counts == 200)
+    assert all(len(np.unique(i)) == 200 for i in data.indices)
+    _assert_consistent(data, x, y)
+    shares = np.bincount(np.concatenate([y[i] for i in data.indices]), minlength=10) / 8000
+    assert np.all(np.abs(shares - np.bincount(y, minlength=10) / len(y)) < 0.02)
+    with pytest.raises(ValueError, match="samples_per_client=0"):
+        iid_partition(x, y, 4, samples_per_client=0)
+
+
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_shard_partition(shards):
     """Each client holds at most 2 classes per shard; the shards cover the dataset once."""

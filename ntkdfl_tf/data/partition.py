@@ -72,10 +72,26 @@ def dirichlet_partition(x, y, num_clients, alpha, seed=0, samples_per_client=Non
     return ClientData.from_indices(x, y, indices)
 
 
-def iid_partition(x, y, num_clients, seed=0):
-    """Uniformly random split into near-equal client shards (sizes differ by at most one)."""
+def iid_partition(x, y, num_clients, seed=0, samples_per_client=None):
+    """Uniformly random client data: the IID end of the heterogeneity sweep.
+
+    Args:
+        x, y, num_clients, seed: as ``dirichlet_partition``.
+        samples_per_client: None splits the whole dataset into near-equal disjoint shards
+            (sizes differ by at most one); n gives each client n samples drawn uniformly without
+            replacement (clients may share samples), the paper's rule with alpha -> infinity.
+
+    Returns:
+        ClientData.
+    """
     y = _check(x, y, num_clients)
-    order = np.random.default_rng(seed).permutation(len(y))
+    rng = np.random.default_rng(seed)
+    if samples_per_client is not None:
+        if not 1 <= samples_per_client <= len(y):
+            raise ValueError(f"samples_per_client={samples_per_client} must lie in [1, {len(y)}].")
+        return ClientData.from_indices(x, y, [rng.choice(len(y), samples_per_client, replace=False)
+                                              for _ in range(num_clients)])
+    order = rng.permutation(len(y))
     return ClientData.from_indices(x, y, np.array_split(order, num_clients))
 
 
