@@ -1,10 +1,30 @@
 """The traced NTK from explicit per-sample Jacobians (any Keras model), in bounded-memory chunks."""
 
+import logging
+
 import tensorflow as tf
+
+
+class _PforFallbackFilter(logging.Filter):
+    """Drops pfor's "Conv2DBackpropFilter uses a while_loop" warning, logged at every trace.
+
+    The fallback is expected for convolutions and not actionable by the user.
+    """
+
+    def filter(self, record):
+        return "uses a while_loop" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_PforFallbackFilter())
 
 
 def jacobian(fns, weights, x):
     """Per-sample Jacobians of one client's logits with respect to its weights.
+
+    Each sample's ``[C, *shape]`` Jacobian is taken through a one-sample forward pass and the
+    samples are vectorised with ``tf.vectorized_map``. Differentiating a whole chunk's logits at
+    once (``tape.jacobian`` of ``[n, C]``) would also differentiate every logit with respect to
+    every other sample, at a cost growing with n^2 (measured 10-20x slower for the CNN at n=200).
 
     Args:
         fns: ModelFunctions.
@@ -12,12 +32,15 @@ def jacobian(fns, weights, x):
         x: features ``[n, ...]``.
 
     Returns:
-        List aligned with ``weights`` of ``[n, C, *shape]`` tensors (``tf.GradientTape.jacobian``).
+        List aligned with ``weights`` of ``[n, C, *shape]`` tensors.
     """
-    with tf.GradientTape() as tape:
-        tape.watch(weights)
-        logits = fns.forward([w[None] for w in weights], x[None])[0]
-    return tape.jacobian(logits, weights)
+    def one_sample(xi):
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            logits = fns.forward([w[None] for w in weights], xi[None, None])[0, 0]
+        return tape.jacobian(logits, weights)
+
+    return tf.vectorized_map(one_sample, x)
 
 
 def _flat(jac):
@@ -28,8 +51,9 @@ def _flat(jac):
 class ExplicitNTK:
     """H = (1/C) sum_c J_c J_c^T from materialised Jacobians, ``chunk`` samples at a time.
 
-    Peak memory holds two chunks' Jacobians (2 x chunk x C x P floats), whatever the
-    neighbourhood size; the price is recomputing the column chunk's Jacobian per row chunk.
+    Peak memory holds two chunks' Jacobians (2 x chunk x C x P floats, 1.8 GB for the CNN at the
+    default 128), whatever the neighbourhood size; the price is recomputing the column chunk's
+    Jacobian per row chunk.
     """
 
     def __init__(self, fns, chunk=128):

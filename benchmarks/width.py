@@ -1,0 +1,162 @@
+"""NTK-DFL against the MLP's hidden width: seconds per round, peak RSS, kernel share, accuracy.
+
+    python benchmarks/width.py
+    python benchmarks/width.py --widths=10,50,100,200,400 --clients=30 --rounds=3
+    python benchmarks/width.py --widths=10,50 --clients=6 --rounds=2   # smoke run
+
+For each hidden width w (ascending), trains the MLP 784-w-10 with NTK-DFL in the paper_fast
+configuration (Jacobian batching m = 6, batches of 30 clients, XLA-compiled flow, kernel
+"auto" = the closed-form dense kernel) on Fashion-MNIST (Dirichlet alpha = 0.1, 200 samples per
+client, random kappa = 5 regular graph, seed 0, the same partition and graphs for every width)
+and prints one JSON line:
+
+    round_seconds_median   median round time after the warm-up round (training only: the
+                           test set is evaluated once, after the last round, outside the timing)
+    kernel_seconds_median  time spent computing the traced NTK per round (median after warm-up)
+    kernel_share_median    kernel_seconds / round_seconds, per round, median after warm-up
+    peak_rss_mb            ru_maxrss after this width; it is the PROCESS-WIDE maximum so far,
+                           which is why widths run in increasing order (the largest model comes
+                           last); peak_rss_before_mb is the same figure before this width started
+    val_accuracy           the aggregated model (mean of all clients) on the 10,000 test images
+                           after the last round (what fit(validation_data=test) logs as
+                           val_accuracy for that round)
+    euler_substeps         per round, mean Euler sub-steps per grid step (``substep_rule``)
+    flow_fallbacks         per round, slices whose adaptive flow was redone with the bound step
+
+How the kernel time is measured (directly, not modelled): NTK-DFL evaluates the kernel twice per
+slice and client group: once eagerly from Python in ``evolve`` (the H the flow uses), and once
+inside the ``_stiffness`` tf.function (for lambda_max, which orders clients into batches). After
+``init``, the benchmark wraps ``algorithm._kernel`` with a timer that counts only eager calls (a
+call while tracing ``_stiffness`` is passed through untimed), and times each ``_stiffness`` call
+as a whole. The stiffness call is the same kernel on the same weights and slices plus 30
+power-iteration products with H (about 2 B N^2 flops each, negligible beside building H), so
+the reported kernel time, and share, is a slight over-estimate. Eager TensorFlow on CPU runs
+synchronously; each timed call also fetches one element of its result to be sure. Both wrapped
+attributes are private to ``ntkdfl_tf.algorithms.NTKDFL``: if they are renamed this benchmark
+fails loudly instead of reporting zero.
+"""
+
+import functools
+import json
+import resource
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+import ntkdfl_tf as nd
+
+flags.DEFINE_list("widths", ["10", "50", "100", "200", "400"], "Hidden widths (run ascending).")
+flags.DEFINE_integer("clients", 30, "Number of clients.")
+flags.DEFINE_integer("rounds", 3, "Rounds per width; the first is a warm-up (tracing, XLA).")
+flags.DEFINE_integer("num_neighbors", 5, "kappa (random regular graph).")
+flags.DEFINE_float("alpha", 0.1, "Dirichlet concentration of the partition.")
+flags.DEFINE_integer("samples_per_client", 200, "Samples per client (the paper's rule).")
+flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
+flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
+flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
+flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
+flags.DEFINE_integer("seed", 0, "Seed of the partition, the initial weights and the graphs.")
+flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
+FLAGS = flags.FLAGS
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Timed:
+    """Wraps a callable; accumulates wall time and count of its eager calls."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.calls, self.shape = fn, 0.0, 0, None
+
+    def __call__(self, weights, feats, mask):
+        if not tf.executing_eagerly():  # being traced into another tf.function: not timed here
+            return self.fn(weights, feats, mask)
+        t0 = time.perf_counter()
+        out = self.fn(weights, feats, mask)
+        out[(0,) * out.shape.rank].numpy()  # make sure the computation has finished
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.shape = tuple(feats.shape[:2])  # (clients in the call, neighbourhood slots x N)
+        return out
+
+
+class TimedNTKDFL(nd.algorithms.NTKDFL):
+    """NTK-DFL whose kernel evaluations are timed (see the module docstring)."""
+
+    def init(self, fns, weights, clients):
+        state = super().init(fns, weights, clients)
+        if not isinstance(self._kernel, _Timed):  # init after a rebuild: wrap the new objects
+            self._kernel = _Timed(self._kernel)
+            self._stiffness = _Timed(self._stiffness)
+        return state
+
+    def timers(self):
+        return (self._kernel.seconds, self._kernel.calls, self._stiffness.seconds,
+                self._stiffness.calls)
+
+
+class _PerRound(keras.callbacks.Callback):
+    """Cumulative kernel timers at the end of every round."""
+
+    def __init__(self, algorithm):
+        super().__init__()
+        self.algorithm, self.snapshots = algorithm, [(0.0, 0, 0.0, 0)]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.snapshots.append(self.algorithm.timers())
+
+
+def run_width(width, clients, test):
+    algorithm = TimedNTKDFL(jacobian_batches=FLAGS.jacobian_batches,
+                            client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile,
+                            substep_rule=FLAGS.substep_rule)
+    trainer = nd.DecentralizedTrainer(functools.partial(nd.models.mlp, hidden=(width,)),
+                                      algorithm, nd.topology.RandomGraph(FLAGS.num_neighbors),
+                                      seed=FLAGS.seed)
+    rss_before = peak_rss_mb()
+    per_round = _PerRound(algorithm)
+    history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0, callbacks=[per_round])
+    times = history.history["round_seconds"]
+    snaps = np.diff(np.array(per_round.snapshots), axis=0)  # per round: kernel s, calls, stiff s
+    kernel = snaps[:, 0] + snaps[:, 2]
+    timed = slice(1, None) if len(times) > 1 else slice(None)  # after the warm-up round
+    accuracy = trainer.evaluate(*test, clients=False)["val_accuracy"]
+    line = {
+        "width": width, "params": trainer.fns.num_params, "clients": clients.num_clients,
+        "rounds": len(times), "kappa": FLAGS.num_neighbors,
+        "samples_per_client": FLAGS.samples_per_client,
+        "kernel_call_shape": list(algorithm._kernel.shape or ()),
+        "round_seconds_median": round(statistics.median(times[timed]), 3),
+        "round_seconds": [round(t, 3) for t in times],
+        "kernel_seconds_median": round(float(np.median(kernel[timed])), 3),
+        "kernel_share_median": round(float(np.median(kernel[timed] / np.array(times)[timed])), 3),
+        "evolve_kernel_seconds": [round(float(s), 3) for s in snaps[:, 0]],
+        "stiffness_seconds": [round(float(s), 3) for s in snaps[:, 2]],
+        "kernel_calls_per_round": int(snaps[-1, 1] + snaps[-1, 3]),
+        "peak_rss_mb": round(peak_rss_mb()), "peak_rss_before_mb": round(rss_before),
+        "val_accuracy": round(accuracy, 4),
+        "euler_substeps": [round(s, 2) for s in history.history["euler_substeps"]],
+        "flow_fallbacks": [int(f) for f in history.history.get("flow_fallbacks", [])],
+        "jacobian_batches": FLAGS.jacobian_batches, "client_batch": FLAGS.client_batch,
+        "jit_compile": FLAGS.jit_compile, "substep_rule": FLAGS.substep_rule,
+    }
+    print(json.dumps(line), flush=True)
+
+
+def main(argv):
+    del argv
+    (x, y), test = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
+    clients = nd.data.dirichlet_partition(x, y, FLAGS.clients, FLAGS.alpha, seed=FLAGS.seed,
+                                          samples_per_client=FLAGS.samples_per_client)
+    for width in sorted(int(w) for w in FLAGS.widths if w):  # ascending: ru_maxrss only grows
+        run_width(width, clients, test)
+
+
+if __name__ == "__main__":
+    app.run(main)
