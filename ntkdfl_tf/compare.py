@@ -72,7 +72,7 @@ def summarise(name, cfg, history, seconds, target):
     hit = np.flatnonzero(acc >= target)
     final_client = float(h.get("val_client_mean_accuracy", [np.nan])[-1])
     return {"run": name, "algorithm": cfg.algorithm, "partition": cfg.partition,
-            "alpha": cfg.alpha,
+            "alpha": cfg.alpha if cfg.partition == "dirichlet" else "",  # IID has no alpha
             "num_neighbors": cfg.num_neighbors, "topology": cfg.topology, "dropout": cfg.dropout,
             "per_round_averaging": cfg.per_round_averaging, "rounds": len(acc),
             "rounds_to_target": int(hit[0]) + 1 if hit.size else "",

@@ -1,11 +1,13 @@
 """The launchers end to end on a tiny real-data setting, as a user runs them."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
 
 import keras
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num_clients=6", "--samples_per_client=30", "--num_neighbors=2", "--rounds=2",
@@ -17,13 +19,18 @@ def _run(script, *args):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_train_writes_history_tensorboard_and_model(tmp_path):
-    out = _run("train.py", *TINY, f"--logdir={tmp_path}/logs", f"--save_dir={tmp_path}/models")
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_train_writes_history_tensorboard_and_model(tmp_path, model):
+    """``--model=cnn`` goes through the explicit kernel; the MLP through the dense one."""
+    out = _run("train.py", *TINY, f"--model={model}", f"--logdir={tmp_path}/logs",
+               f"--save_dir={tmp_path}/models")
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "logs" / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["round"] for r in rows] == ["1", "2"]
     assert {"val_accuracy", "val_client_mean_accuracy", "loss", "bytes_sent"} <= set(rows[0])
+    for key in ("flow_loss", "model_loss", "client_weight_spread", "val_accuracy"):
+        assert all(math.isfinite(float(r[key])) for r in rows), key
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "logs" / "validation"))
     model = keras.models.load_model(tmp_path / "models" / "logs.keras")
     assert model.output_shape == (None, 10)
@@ -52,6 +59,7 @@ def test_compare_writes_histories_summary_and_figures(tmp_path):
         assert 0.0 < float(r["final_accuracy"]) <= float(r["best_accuracy"]) <= 1.0
         assert r["rounds_to_target"] in ("1", "2")  # 20% is reached within two rounds
         assert r["partition"] == ("iid" if "iid" in r["run"] else "dirichlet")
+        assert r["alpha"] == ("" if "iid" in r["run"] else "0.1")
         gain = float(r["final_accuracy"]) - float(r["final_client_mean_accuracy"])
         assert abs(float(r["aggregate_gain"]) - gain) < 1e-9
         assert 0.0 < float(r["final_client_weight_spread"]) < float("inf")
