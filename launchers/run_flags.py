@@ -31,6 +31,9 @@ _HELP = {
     "jacobian_batches": "NTK-DFL Jacobian batching m: evolve slice after slice (1: off).",
     "client_batch": "NTK-DFL clients evolved in one TensorFlow call (with jacobian_batches > 1 "
                     "and jit_compile, 30-60 is fastest on CPU).",
+    "jacobian_chunk": "NTK-DFL explicit kernel (e.g. the CNN): samples per Jacobian block; "
+                      "memory ~2 x chunk x classes x params floats (set it >= the "
+                      "neighbourhood's samples to compute each Jacobian once).",
     "jit_compile": "NTK-DFL: compile the per-client evolution with XLA.",
     "substep_rule": "NTK-DFL Euler sub-steps: adaptive (from the flow's own stiffness, redone "
                     "with the bound if the flow loss rises) or bound (lambda_max(H/N)/2).",

@@ -44,6 +44,7 @@ class Config:
     order: str = "synchronous"
     jacobian_batches: int = 1
     client_batch: int = 1
+    jacobian_chunk: int = 128
     jit_compile: bool = False
     substep_rule: str = "adaptive"
     # baselines (DFedAvg family); None keeps each algorithm's documented default
@@ -101,7 +102,8 @@ def make_algorithm(cfg):
                                  kernel=cfg.kernel, per_round_averaging=cfg.per_round_averaging,
                                  order=cfg.order, jacobian_batches=cfg.jacobian_batches,
                                  client_batch=cfg.client_batch, jit_compile=cfg.jit_compile,
-                                 substep_rule=cfg.substep_rule)
+                                 substep_rule=cfg.substep_rule,
+                                 jacobian_chunk=cfg.jacobian_chunk)
     local = {"learning_rate": cfg.local_learning_rate, "batch_size": cfg.batch_size,
              "local_epochs": cfg.local_epochs, "momentum": cfg.momentum, "sam_rho": cfg.sam_rho}
     return algorithms.get(cfg.algorithm, **{k: v for k, v in local.items() if v is not None})

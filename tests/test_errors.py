@@ -68,6 +68,7 @@ def test_input_shape_does_not_match_model():
     (dict(order="random"), "'random'"),
     (dict(loss="mse", kernel="matrix_free"), "kernel='dense'"),
     (dict(client_batch=0), "client_batch"),
+    (dict(jacobian_chunk=0), "jacobian_chunk"),
     (dict(substep_rule="fast"), "'fast'; choose one of adaptive, bound"),
 ])
 def test_bad_ntkdfl_arguments(kwargs, match):

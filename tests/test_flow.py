@@ -268,3 +268,20 @@ def test_ntkdfl_mse_equals_riemann_sum_of_weight_space_gradient_flow():
         np.testing.assert_allclose(new[1][b], b0 - eta * sum_b, rtol=1e-4, atol=1e-5)
         err = ((x[b] @ new[0][b] + new[1][b] - y[b]) ** 2).sum(-1) / (2 * C)
         np.testing.assert_allclose(cand_loss[b], (err * mask[b]).sum() / mask[b].sum(), rtol=1e-4)
+
+
+def test_adaptive_flow_traces_with_unknown_batch_and_size():
+    """reduce_retracing relaxes the client-batch and neighbourhood sizes to None when they vary
+    (dropout changes the group sizes): the flow must trace and agree with the static-shape one."""
+    h, f0, y, mask, n = _problem(scale=3.0, top=20.0, seed=1)
+    args = _tf(h, f0, y, mask, n) + [tf.constant(0.1)]
+    relaxed = tf.function(
+        lambda h, f0, y, mask, n, eta: kernels.adaptive_euler_flow(
+            h, f0, y, mask, n, eta, taus=(10, 30)),
+        input_signature=[tf.TensorSpec([None, None, None]), tf.TensorSpec([None, None, C]),
+                         tf.TensorSpec([None, None, C]), tf.TensorSpec([None, None]),
+                         tf.TensorSpec([None]), tf.TensorSpec([])])
+    r, f, _, _ = relaxed(*args)
+    r_static, f_static, _, _ = ADAPTIVE(*args, taus=(10, 30))
+    np.testing.assert_allclose(r, r_static, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f, f_static, rtol=1e-6, atol=1e-6)

@@ -129,7 +129,10 @@ class NTKDFL(base.Algorithm):
         else:
             averaged = [w.numpy() for w in base.neighbour_average(mixing, weights)]
             order = np.arange(num_clients)
-            if size > 1:  # a batch shares the finest Euler step any member needs: batch like with like
+            # A batch shares the finest Euler step any member needs: batch like with like. Not
+            # for the explicit kernel: ordering costs a second kernel evaluation, dearer there
+            # than the extra flow sub-steps of a mixed batch.
+            if size > 1 and not isinstance(self._kernel, kernels.ExplicitNTK):
                 calls = [([a[idx] for a in averaged], index[idx], valid[idx])
                          for idx, _ in base.client_groups(num_clients, size)]
                 stiffness = np.concatenate(

@@ -154,7 +154,7 @@ def adaptive_euler_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rech
         monotone = monotone & ~rose & tf.reduce_all(tf.math.is_finite(now))
         return (i + 1, ends_t[i], f, acc, v, rs, fs, steps + grid * sub, now, monotone)
 
-    zeros = tf.zeros([len(taus)] + f0.shape.as_list(), f0.dtype)
+    zeros = tf.zeros(tf.concat([[len(taus)], tf.shape(f0)], 0), f0.dtype)  # shapes may be unknown
     init = (tf.constant(0), tf.constant(0), f0, tf.zeros_like(f0), v, zeros, zeros,
             tf.constant(0), flow_loss(f0), tf.constant(True))
     out = tf.while_loop(lambda i, *_: i < len(ends), segment, init)
