@@ -26,7 +26,8 @@ flags.DEFINE_integer("rounds", 3, "Rounds per measurement; the first is a warm-u
 flags.DEFINE_integer("num_neighbors", 5, "kappa.")
 flags.DEFINE_integer("local_epochs", 5, "DFedAvg-family local epochs.")
 flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
-flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
+flags.DEFINE_list("client_batch", ["30"], "NTK-DFL clients per TensorFlow call; several values "
+                  "are timed one after another, each against the same baseline rounds.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
 flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
 flags.DEFINE_list("kappas", [], "Sweep: NTK-DFL round time for each kappa.")
@@ -40,10 +41,10 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_algorithm(name):
+def make_algorithm(name, client_batch):
     if name == "ntk_dfl":
         return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
-                                    client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile,
+                                    client_batch=client_batch, jit_compile=FLAGS.jit_compile,
                                     substep_rule=FLAGS.substep_rule)
     return nd.algorithms.get(name, local_epochs=FLAGS.local_epochs)
 
@@ -57,8 +58,9 @@ class _Traces(keras.callbacks.Callback):
         self.counts.append(sum(self.trainer.tracing_counts().values()))
 
 
-def time_rounds(name, clients, kappa, **fields):
-    trainer = nd.DecentralizedTrainer(nd.models.mlp, make_algorithm(name),
+def time_rounds(name, clients, kappa, client_batch=None, **fields):
+    client_batch = client_batch or int(FLAGS.client_batch[0])
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, make_algorithm(name, client_batch),
                                       nd.topology.RandomGraph(kappa), seed=0)
     traces = _Traces(trainer)
     history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0, callbacks=[traces])
@@ -68,7 +70,7 @@ def time_rounds(name, clients, kappa, **fields):
             "round_seconds": [round(t, 3) for t in times], "peak_rss_mb": round(peak_rss_mb()),
             "traces_after_warmup": traces.counts[0], "traces_after_last": traces.counts[-1]}
     if name == "ntk_dfl":
-        line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=FLAGS.client_batch,
+        line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=client_batch,
                     jit_compile=FLAGS.jit_compile, substep_rule=FLAGS.substep_rule,
                     euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]])
     else:
@@ -82,12 +84,14 @@ def main(argv):
     (x, y), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
     for k in (int(c) for c in FLAGS.clients if c):
         clients = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0, samples_per_client=200)
-        medians = {name: time_rounds(name, clients, FLAGS.num_neighbors)
-                   for name in FLAGS.algorithms}
         first, *rest = FLAGS.algorithms
-        for other in rest:
-            print(json.dumps({"clients": k, "ratio": f"{first}/{other}",
-                              "value": round(medians[first] / medians[other], 2)}), flush=True)
+        medians = {name: time_rounds(name, clients, FLAGS.num_neighbors) for name in rest}
+        for batch in (int(b) for b in FLAGS.client_batch):
+            median = time_rounds(first, clients, FLAGS.num_neighbors, client_batch=batch)
+            for other in rest:
+                print(json.dumps({"clients": k, "ratio": f"{first}/{other}",
+                                  "client_batch": batch,
+                                  "value": round(median / medians[other], 2)}), flush=True)
     k = FLAGS.sweep_clients
     if FLAGS.kappas:
         clients = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0, samples_per_client=200)
