@@ -271,10 +271,15 @@ def run_training():
 
 
 def _slope(points):
-    """Peak-RSS growth per sample between two measurements (0 for fewer)."""
+    """Peak-RSS growth per sample between two measurements (0 for fewer).
+
+    Only measurements with N >= 2 chunks count: below that, the growth is the second chunk's
+    Jacobians coming in, which stops once two chunks are held.
+    """
+    points = [p for p in points if p["n"] >= 2 * FLAGS.jacobian_chunk]
     if len(points) < 2:
         return 0.0
-    (a, b) = points
+    (a, b) = points[-2:]
     return max((b["peak_rss_mb"] - a["peak_rss_mb"]) / (b["n"] - a["n"]), 0.0)
 
 
@@ -291,7 +296,7 @@ def run_search():
             predicted_s = prev["seconds"] * evaluations(n, chunk) / evaluations(prev["n"], chunk)
             predicted_mb = prev["peak_rss_mb"] + max(
                 4 * 4 * (n * n - prev["n"] ** 2) / 2 ** 20,  # 4 more copies of H
-                _slope(done[-2:]) * (n - prev["n"]))  # or the last measured growth, linear
+                _slope(done) * (n - prev["n"]))  # or the last measured growth, linear
             if predicted_s > FLAGS.time_cap or predicted_mb > cap_mb:
                 why = "time cap" if predicted_s > FLAGS.time_cap else "memory cap"
                 emit({"search": "explicit", "n": n, "chunk": chunk, "skipped": True,
@@ -317,7 +322,7 @@ def run_search():
     if done:  # where the memory model (as for the predictions) reaches the cap
         last, room = done[-1], max(cap_mb - done[-1]["peak_rss_mb"], 0)
         by_h = math.sqrt(room * 2 ** 20 / 16 + last["n"] ** 2)
-        slope = _slope(done[-2:])
+        slope = _slope(done)
         summary["memory_cap_n_extrapolated"] = int(
             min(by_h, last["n"] + room / slope) if slope > 0 else by_h)
     if len(done) >= 2:
