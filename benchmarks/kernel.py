@@ -14,6 +14,9 @@ The matrix-free kernel never forms H: its line times building the operator plus 
 with a [N, C] block (what the flow needs per Euler step), next to the dense kernel's stored
 H @ v, and its deviation is that of H v.
 
+The naive reference runs with ``TF_ENABLE_ONEDNN_OPTS=0``: with oneDNN on, TensorFlow 2.21
+segfaults in its whole-batch ``tape.jacobian`` on this machine (seen 2026-11-28).
+
 FLOP counts (P = 79,510 parameters, C = 10, d = 784 inputs, h = 100 hidden units):
     naive / explicit: Jacobian ~ C backward passes of 4 N P, plus the contraction 2 N^2 C P.
         ``explicit`` recomputes each column chunk's Jacobian once per row chunk.
@@ -143,7 +146,9 @@ def main(argv):
             cmd = [sys.executable, os.path.abspath(__file__), f"--single={kind},{n}",
                    f"--repeats={FLAGS.repeats}"] + (
                        [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            # TF 2.21's oneDNN path segfaults in the naive whole-batch Jacobian on this machine
+            env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0") if kind == "naive" else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(json.dumps({"kernel": kind, "n": n, "failed": proc.returncode,
