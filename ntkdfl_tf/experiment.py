@@ -69,7 +69,7 @@ class Config:
 
 
 PRESETS = {
-    # ~3 minutes on 2 CPU cores (data preparation included) and clearly learning.
+    # about a minute on 2 CPU cores (plus data preparation the first time), clearly learning.
     "quick": dict(num_clients=30, rounds=5, logdir="runs/quick"),
     # The paper's headline setting: 300 clients of ~200 samples, alpha = 0.1, kappa = 5.
     "paper": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
