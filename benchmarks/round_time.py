@@ -2,6 +2,7 @@
 
     python benchmarks/round_time.py --clients=50,100,300 --rounds=3
     python benchmarks/round_time.py --clients= --kappas=2,5,10 --samples_per_client=100,200,400
+    python benchmarks/round_time.py --clients=60 --taus=10,20,30,40,50,60,80   # the flow's share
 
 Prints one JSON line per (algorithm, clients): the median round time after one warm-up round
 (Fashion-MNIST, alpha=0.1, kappa=5, MLP 784-100-10, 200 samples per client; training only, no
@@ -30,6 +31,8 @@ flags.DEFINE_list("client_batch", ["30"], "NTK-DFL clients per TensorFlow call; 
                   "are timed one after another, each against the same baseline rounds.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
 flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
+flags.DEFINE_list("taus", None, "NTK-DFL candidate grid (default: NTK-DFL.md's); a shorter grid "
+                  "shortens the flow, which shows the flow's share of the round.")
 flags.DEFINE_list("kappas", [], "Sweep: NTK-DFL round time for each kappa.")
 flags.DEFINE_list("samples_per_client", [], "Sweep: NTK-DFL round time per samples/client.")
 flags.DEFINE_integer("sweep_clients", 50, "Clients in the sweeps.")
@@ -45,6 +48,8 @@ def make_algorithm(name, client_batch):
     if name == "ntk_dfl":
         return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
                                     client_batch=client_batch, jit_compile=FLAGS.jit_compile,
+                                    **({"taus": tuple(int(t) for t in FLAGS.taus)}
+                                       if FLAGS.taus else {}),
                                     substep_rule=FLAGS.substep_rule)
     return nd.algorithms.get(name, local_epochs=FLAGS.local_epochs)
 
@@ -72,6 +77,7 @@ def time_rounds(name, clients, kappa, client_batch=None, **fields):
     if name == "ntk_dfl":
         line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=client_batch,
                     jit_compile=FLAGS.jit_compile, substep_rule=FLAGS.substep_rule,
+                    taus=list(trainer.algorithm.taus),
                     euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]])
     else:
         line["local_epochs"] = FLAGS.local_epochs
