@@ -152,10 +152,12 @@ def _plot_linearisation(plt, logdir, histories):
     return _save(plt, fig, os.path.join(logdir, "linearisation.png"))
 
 
-def _plot_sweeps(plt, logdir, rows):
+def _plot_sweeps(plt, logdir, all_rows):
     paths = []
     for key, fname, xlabel in (("alpha", "heterogeneity.png", "Dirichlet alpha (IID at right)"),
                                ("dropout", "dropout.png", "client dropout probability")):
+        rows = [r for r in all_rows  # shards partitions have no alpha
+                if key != "alpha" or r["partition"] in ("dirichlet", "iid")]
         values = {_sweep_value(r, key) for r in rows}
         if len(values) < 2:
             continue

@@ -85,3 +85,22 @@ def test_compare_plans_every_sweep_combination(tmp_path):
     ring_ablation = dict(runs)["ntk_dfl_alpha0.5_k2_ring_no_averaging"]
     assert (ring_ablation.topology, ring_ablation.per_round_averaging, ring_ablation.alpha) == (
         "ring", False, 0.5)
+
+
+def test_sweep_figures_skip_partitions_without_alpha(tmp_path):
+    """A shards run has no alpha: the alpha figure leaves it out instead of failing on float('')."""
+    from ntkdfl_tf import compare
+
+    def row(alg, partition, alpha, gain):
+        return {"algorithm": alg, "partition": partition, "alpha": alpha, "dropout": 0.0,
+                "per_round_averaging": True, "aggregate_gain": gain,
+                "final_client_weight_spread": 1.0, "final_accuracy": 0.8,
+                "final_client_mean_accuracy": 0.7}
+
+    shards = [row("dfedavg", "shards", "", 0.1), row("ntk_dfl", "shards", "", 0.1)]
+    def figures(rows):
+        return {os.path.basename(p) for p in compare.plot(str(tmp_path), {}, rows)}
+
+    assert "heterogeneity.png" not in figures(shards)  # nothing to sweep, and no error
+    swept = shards + [row("ntk_dfl", "dirichlet", 0.1, 0.08), row("ntk_dfl", "iid", "", 0.05)]
+    assert "heterogeneity.png" in figures(swept)

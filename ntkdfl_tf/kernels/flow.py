@@ -86,8 +86,13 @@ def flow_stiffness(h, f, mask, n, loss="cross_entropy", iterations=30, start=Non
     apply = as_operator(h)
     m, scale = mask[..., None], (1.0 / n)[:, None, None]
     jacobian_product = lambda v: scale * apply(residual_jvp(f, v, loss) * m)
-    if start is None:  # off the softmax's null direction (constant across classes), every sample
-        start = m * (1.0 + 0.1 * tf.cast(tf.range(tf.shape(f)[-1]), f.dtype))
+    # off the softmax's null direction (constant across classes), on every sample
+    default = m * (1.0 + 0.1 * tf.cast(tf.range(tf.shape(f)[-1]), f.dtype))
+    if start is None:
+        start = default
+    else:  # a warm start that died (saturated softmax: S v = 0) would stay 0: re-seed it
+        dead = tf.norm(start, axis=[1, 2], keepdims=True) <= 1e-20
+        start = tf.where(dead, default, start)
     v = start
     for _ in range(iterations):
         v = jacobian_product(v)
