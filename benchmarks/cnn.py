@@ -43,27 +43,21 @@ import time
 import numpy as np
 from absl import app, flags
 
+import common
+from common import peak_rss_mb
+
+common.define_setting_flags(clients=10)
 flags.DEFINE_list("models", ["mlp", "cnn"], "Training: models (empty: skip).")
-flags.DEFINE_integer("clients", 10, "Training: number of clients.")
 flags.DEFINE_integer("rounds", 3, "Training: rounds; the first is a warm-up.")
-flags.DEFINE_integer("num_neighbors", 5, "Training: kappa (random regular graph, < clients).")
-flags.DEFINE_float("alpha", 0.1, "Training: Dirichlet concentration.")
-flags.DEFINE_integer("samples_per_client", 200, "Training: samples per client.")
-flags.DEFINE_integer("jacobian_batches", 6, "Training: NTK-DFL Jacobian batching m.")
-flags.DEFINE_integer("client_batch", 30, "Training: NTK-DFL clients per TensorFlow call.")
-flags.DEFINE_bool("jit_compile", True, "Training: XLA-compile the evolution.")
-flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
 flags.DEFINE_integer("jacobian_chunk", 256, "Explicit kernel: samples per Jacobian block (256 "
                      "holds a whole m = 6 slice, so each Jacobian is computed once).")
-flags.DEFINE_float("max_round_seconds", 3600, "Training: skip a CNN whose estimated kernel time "
-                   "per round exceeds this.")
+flags.DEFINE_float("max_round_seconds", 3600, "Training: kill a model's run after this many "
+                   "seconds per round (plus 10 minutes).")
 flags.DEFINE_list("sizes", ["100", "200", "400", "800", "1200", "1600", "2400", "3200"],
                   "Search: neighbourhood sizes N (empty: skip).")
 flags.DEFINE_float("memory_cap_gb", 12.0, "Kill / do not start a measurement above this RSS (GiB).")
 flags.DEFINE_float("address_space_slack_gb", 6.0, "Address-space limit = cap + this (GiB).")
 flags.DEFINE_float("time_cap", 900, "Search: seconds allowed for one kernel call.")
-flags.DEFINE_integer("seed", 0, "Seed of the partition, weights and graphs.")
-flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 flags.DEFINE_string("single", None, "Internal: 'train,MODEL' or 'kernel,N' in this process.")
 FLAGS = flags.FLAGS
 
@@ -82,10 +76,6 @@ def emit(line):
 
 
 # -- in the measuring subprocess ----------------------------------------------------------------
-def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _time_call(kernel, weights, feats):
     import tensorflow as tf
 
@@ -103,7 +93,7 @@ def measure_kernel(n):
     from ntkdfl_tf import kernels
     from ntkdfl_tf.functional import ModelFunctions
 
-    rss_start = _peak_rss_mb()
+    rss_start = peak_rss_mb()
     (x, _), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
     keras.utils.set_random_seed(FLAGS.seed)  # every subprocess builds the same CNN
     fns = ModelFunctions(nd.models.cnn())
@@ -111,18 +101,18 @@ def measure_kernel(n):
     feats = fns.features(x[:n])[None]
     chunk = FLAGS.jacobian_chunk
     kernel = kernels.make_kernel(fns, "explicit", chunk=chunk)
-    rss_loaded = _peak_rss_mb()
+    rss_loaded = peak_rss_mb()
     warmup, _ = _time_call(kernel, weights, feats[:, :min(n, chunk)])  # traces; chunk's peak
     if n > chunk and n % chunk:
         _time_call(kernel, weights, feats[:, :n % chunk])  # the shorter last chunk's trace
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     seconds, h = _time_call(kernel, weights, feats)
     return {"kernel": "explicit", "n": n, "chunk": chunk, "params": fns.num_params,
             "seconds": seconds, "warmup_seconds": warmup,
             "jacobian_evaluations": evaluations(n, chunk),
             "rss_start_mb": round(rss_start), "rss_loaded_mb": round(rss_loaded),
-            "rss_before_mb": round(rss_before), "peak_rss_mb": round(_peak_rss_mb()),
-            "rss_growth_mb": round(_peak_rss_mb() - rss_before),
+            "rss_before_mb": round(rss_before), "peak_rss_mb": round(peak_rss_mb()),
+            "rss_growth_mb": round(peak_rss_mb() - rss_before),
             "h_mb": round(n * n * 4 / 2 ** 20, 1),
             "symmetric": bool(np.allclose(h[0], h[0].T, rtol=1e-5,
                                           atol=1e-5 * np.abs(h[0]).max())),
@@ -133,60 +123,32 @@ def train(model):
     import functools
     import statistics
 
-    import tensorflow as tf
-
     import ntkdfl_tf as nd
 
-    (x, y), test = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
-    clients = nd.data.dirichlet_partition(x, y, FLAGS.clients, FLAGS.alpha, seed=FLAGS.seed,
-                                          samples_per_client=FLAGS.samples_per_client)
+    clients, test = common.load_partition()
     model_fn = (functools.partial(nd.models.mlp, hidden=(100,)) if model == "mlp"
                 else nd.models.cnn)
-    chunk = FLAGS.jacobian_chunk
-    algorithm = nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
-                          client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile,
-                          jacobian_chunk=FLAGS.jacobian_chunk, substep_rule=FLAGS.substep_rule)
+    algorithm = common.ntkdfl(jacobian_chunk=FLAGS.jacobian_chunk)
     trainer = nd.DecentralizedTrainer(model_fn, algorithm,
                                       nd.topology.RandomGraph(FLAGS.num_neighbors),
                                       seed=FLAGS.seed)
-    fns = trainer.fns
-    m = FLAGS.jacobian_batches
-    slots = FLAGS.num_neighbors + 1  # closed neighbourhood of a kappa-regular graph
-    n = slots * (-(-clients.max_samples // m) if m > 1 else clients.max_samples)
-    # the stiffness ordering of client batches evaluates the kernel a second time (dense only)
-    calls = FLAGS.clients * m * (
-        2 if fns.is_dense_stack and min(FLAGS.client_batch, FLAGS.clients) > 1 else 1)
+    fns, m = trainer.fns, FLAGS.jacobian_batches
+    history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0)
+    times = history.history["round_seconds"]
     line = {"model": model, "kernel": "dense" if fns.is_dense_stack else "explicit",
             "params": fns.num_params, "clients": FLAGS.clients, "kappa": FLAGS.num_neighbors,
             "samples_per_client": FLAGS.samples_per_client, "jacobian_batches": m,
             "substep_rule": FLAGS.substep_rule,
-            "neighbourhood_n": n, "kernel_calls_per_round": calls}
+            # a slice's neighbourhood: kappa + 1 clients' shares of the largest client's samples
+            "neighbourhood_n": (FLAGS.num_neighbors + 1) * -(-clients.max_samples // m),
+            "rounds": len(times), "round_seconds_median": statistics.median(times[1:] or times),
+            "round_seconds": [round(t, 2) for t in times],
+            "val_accuracy": trainer.evaluate(*test, clients=False)["val_accuracy"],
+            "peak_rss_mb": round(peak_rss_mb()),
+            "euler_substeps": [round(s, 2) for s in history.history["euler_substeps"]],
+            "flow_fallbacks": [int(f) for f in history.history.get("flow_fallbacks", [])]}
     if not fns.is_dense_stack:
-        line["chunk"] = chunk
-    # estimate the kernel's cost per round from one block (explicit) or one full call (dense)
-    kernel = nd.kernels.make_kernel(fns, "auto", chunk=chunk)
-    block = n if fns.is_dense_stack else min(n, chunk)
-    real = np.concatenate([xs[:c] for xs, c in zip(clients.x, clients.counts)])[:block]
-    feats = fns.features(real)[None]
-    weights = [tf.constant(w[None]) for w in fns.initial_weights()]
-    _time_call(kernel, weights, feats)
-    t_block, _ = _time_call(kernel, weights, feats)
-    per_call = t_block * (1 if fns.is_dense_stack else evaluations(n, chunk))
-    line["estimated_kernel_seconds_per_round"] = per_call * calls
-    del kernel
-    if not fns.is_dense_stack and per_call * calls > FLAGS.max_round_seconds:
-        line.update(skipped=True, why=f"estimated kernel time per round above "
-                    f"--max_round_seconds={FLAGS.max_round_seconds:g}")
-        return line
-    history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0)
-    times = history.history["round_seconds"]
-    timed = times[1:] or times
-    line.update(rounds=len(times), round_seconds_median=statistics.median(timed),
-                round_seconds=[round(t, 2) for t in times],
-                val_accuracy=trainer.evaluate(*test, clients=False)["val_accuracy"],
-                peak_rss_mb=round(_peak_rss_mb()),
-                euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]],
-                flow_fallbacks=[int(f) for f in history.history.get("flow_fallbacks", [])])
+        line["chunk"] = FLAGS.jacobian_chunk
     return line
 
 

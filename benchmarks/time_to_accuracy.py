@@ -14,23 +14,16 @@ import json
 import keras
 from absl import app, flags
 
+import common
 import ntkdfl_tf as nd
 
-flags.DEFINE_integer("clients", 300, "Number of clients.")
-flags.DEFINE_float("alpha", 0.1, "Dirichlet concentration.")
-flags.DEFINE_integer("num_neighbors", 5, "kappa.")
+common.define_setting_flags(clients=300)
 flags.DEFINE_float("target", 0.85, "Target test accuracy of the aggregated model.")
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms, first is the numerator.")
 flags.DEFINE_list("max_rounds", ["ntk_dfl=40", "dfedavg=100"], "Round budget per algorithm.")
 flags.DEFINE_float("budget_factor", None, "If set, every algorithm after the first stops at "
                    "this multiple of the first's wall time to target (it cannot win after it).")
-flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
-flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
-flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
-flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
 flags.DEFINE_integer("local_epochs", None, "DFedAvg local epochs (default: the paper's 20).")
-flags.DEFINE_integer("seed", 0, "Root seed.")
-flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
 
 
@@ -49,9 +42,7 @@ class _PrintRound(keras.callbacks.Callback):
 
 def make_algorithm(name):
     if name == "ntk_dfl":
-        return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
-                                    client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile,
-                                    substep_rule=FLAGS.substep_rule)
+        return common.ntkdfl()
     options = {} if FLAGS.local_epochs is None else {"local_epochs": FLAGS.local_epochs}
     return nd.algorithms.get(name, **options)
 
@@ -59,9 +50,7 @@ def make_algorithm(name):
 def main(argv):
     del argv
     max_rounds = dict(item.split("=") for item in FLAGS.max_rounds)
-    (x_train, y_train), (x_test, y_test) = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
-    clients = nd.data.dirichlet_partition(x_train, y_train, FLAGS.clients, FLAGS.alpha,
-                                          seed=FLAGS.seed, samples_per_client=200)
+    clients, (x_test, y_test) = common.load_partition()
     results = {}
     for name in FLAGS.algorithms:
         trainer = nd.DecentralizedTrainer(nd.models.mlp, make_algorithm(name),

@@ -38,7 +38,6 @@ fails loudly instead of reporting zero.
 
 import functools
 import json
-import resource
 import statistics
 import time
 
@@ -47,25 +46,14 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+import common
 import ntkdfl_tf as nd
+from common import peak_rss_mb
 
+common.define_setting_flags(clients=30)
 flags.DEFINE_list("widths", ["10", "50", "100", "200", "400"], "Hidden widths (run ascending).")
-flags.DEFINE_integer("clients", 30, "Number of clients.")
 flags.DEFINE_integer("rounds", 3, "Rounds per width; the first is a warm-up (tracing, XLA).")
-flags.DEFINE_integer("num_neighbors", 5, "kappa (random regular graph).")
-flags.DEFINE_float("alpha", 0.1, "Dirichlet concentration of the partition.")
-flags.DEFINE_integer("samples_per_client", 200, "Samples per client (the paper's rule).")
-flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
-flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
-flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
-flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
-flags.DEFINE_integer("seed", 0, "Seed of the partition, the initial weights and the graphs.")
-flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Timed:
@@ -113,9 +101,7 @@ class _PerRound(keras.callbacks.Callback):
 
 
 def run_width(width, clients, test):
-    algorithm = TimedNTKDFL(jacobian_batches=FLAGS.jacobian_batches,
-                            client_batch=FLAGS.client_batch, jit_compile=FLAGS.jit_compile,
-                            substep_rule=FLAGS.substep_rule)
+    algorithm = common.ntkdfl(TimedNTKDFL)
     trainer = nd.DecentralizedTrainer(functools.partial(nd.models.mlp, hidden=(width,)),
                                       algorithm, nd.topology.RandomGraph(FLAGS.num_neighbors),
                                       seed=FLAGS.seed)
@@ -151,9 +137,7 @@ def run_width(width, clients, test):
 
 def main(argv):
     del argv
-    (x, y), test = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
-    clients = nd.data.dirichlet_partition(x, y, FLAGS.clients, FLAGS.alpha, seed=FLAGS.seed,
-                                          samples_per_client=FLAGS.samples_per_client)
+    clients, test = common.load_partition()
     for width in sorted(int(w) for w in FLAGS.widths if w):  # ascending: ru_maxrss only grows
         run_width(width, clients, test)
 

@@ -156,8 +156,7 @@ def _plot_sweeps(plt, logdir, all_rows):
     paths = []
     for key, fname, xlabel in (("alpha", "heterogeneity.png", "Dirichlet alpha (IID at right)"),
                                ("dropout", "dropout.png", "client dropout probability")):
-        rows = [r for r in all_rows  # shards partitions have no alpha
-                if key != "alpha" or r["partition"] in ("dirichlet", "iid")]
+        rows = [r for r in all_rows if _sweep_value(r, key) is not None]
         values = {_sweep_value(r, key) for r in rows}
         if len(values) < 2:
             continue
@@ -197,8 +196,9 @@ def _plot_sweeps(plt, logdir, all_rows):
 
 
 def _sweep_value(row, key):
-    if key == "alpha" and row["partition"] == "iid":
-        return 1e3  # plotted at the right of every alpha: IID is alpha -> infinity
+    """The row's x in a sweep figure; None for a row without one (a shards run has no alpha)."""
+    if key == "alpha" and row["partition"] != "dirichlet":
+        return 1e3 if row["partition"] == "iid" else None  # IID: alpha -> infinity, at the right
     return float(row[key])
 
 

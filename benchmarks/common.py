@@ -1,0 +1,52 @@
+"""What the NTK-DFL benchmarks share: the setting's flags, the algorithm they build, peak RSS.
+
+Each benchmark is a script run from the repository root (``python benchmarks/x.py``), so this
+module is imported as ``common`` from the script's own folder. TensorFlow is imported only when
+needed: cnn.py's watching process never loads it.
+"""
+
+import resource
+
+from absl import flags
+
+
+def define_setting_flags(clients):
+    """The partition, graph and NTK-DFL flags (paper_fast's NTK-DFL settings by default)."""
+    flags.DEFINE_integer("clients", clients, "Number of clients.")
+    flags.DEFINE_integer("num_neighbors", 5, "kappa (random regular graph, < clients).")
+    flags.DEFINE_float("alpha", 0.1, "Dirichlet concentration of the partition.")
+    flags.DEFINE_integer("samples_per_client", 200, "Samples per client (the paper's rule).")
+    flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
+    flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
+    flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
+    flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"],
+                      "NTK-DFL Euler sub-steps.")
+    flags.DEFINE_integer("seed", 0, "Seed of the partition, the initial weights and the graphs.")
+    flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
+
+
+def load_partition():
+    """Fashion-MNIST split into the flags' Dirichlet clients; returns ``(clients, test)``."""
+    import ntkdfl_tf as nd
+
+    f = flags.FLAGS
+    (x, y), test = nd.data.load("fashion_mnist", data_dir=f.data_dir)
+    clients = nd.data.dirichlet_partition(x, y, f.clients, f.alpha, seed=f.seed,
+                                          samples_per_client=f.samples_per_client)
+    return clients, test
+
+
+def ntkdfl(cls=None, **options):
+    """NTK-DFL (``cls``: a subclass) with the flags' settings; ``options`` add or override."""
+    import ntkdfl_tf as nd
+
+    cls = cls or nd.algorithms.NTKDFL
+    f = flags.FLAGS
+    settings = dict(jacobian_batches=f.jacobian_batches, client_batch=f.client_batch,
+                    jit_compile=f.jit_compile, substep_rule=f.substep_rule)
+    return cls(**{**settings, **options})
+
+
+def peak_rss_mb():
+    """This process's peak resident memory so far (it only grows)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
