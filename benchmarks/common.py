@@ -5,6 +5,7 @@ module is imported as ``common`` from the script's own folder. TensorFlow is imp
 needed: cnn.py's watching process never loads it.
 """
 
+import functools
 import resource
 
 from absl import flags
@@ -21,6 +22,10 @@ def define_setting_flags(clients):
     flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
     flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"],
                       "NTK-DFL Euler sub-steps.")
+    flags.DEFINE_list("taus", None, "NTK-DFL candidate evolution times in grid steps (default: "
+                      "NTK-DFL.md's 100,...,800).")
+    flags.DEFINE_float("learning_rate", 0.01, "NTK-DFL grid step eta.")
+    flags.DEFINE_float("lr_decay", 0.0, "NTK-DFL: eta_r = learning_rate * exp(-lr_decay * r).")
     flags.DEFINE_integer("seed", 0, "Seed of the partition, the initial weights and the graphs.")
     flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 
@@ -39,11 +44,18 @@ def load_partition():
 def ntkdfl(cls=None, **options):
     """NTK-DFL (``cls``: a subclass) with the flags' settings; ``options`` add or override."""
     import ntkdfl_tf as nd
+    from ntkdfl_tf import experiment
 
     cls = cls or nd.algorithms.NTKDFL
     f = flags.FLAGS
     settings = dict(jacobian_batches=f.jacobian_batches, client_batch=f.client_batch,
                     jit_compile=f.jit_compile, substep_rule=f.substep_rule)
+    if f.taus:
+        settings["taus"] = tuple(int(t) for t in f.taus)
+    settings["learning_rate"] = f.learning_rate
+    if f.lr_decay:
+        settings["learning_rate"] = functools.partial(experiment.decayed_learning_rate,
+                                                      f.learning_rate, f.lr_decay)
     return cls(**{**settings, **options})
 
 

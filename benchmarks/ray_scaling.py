@@ -4,7 +4,9 @@
     python benchmarks/ray_scaling.py --clients=50 --algorithm=ntk_dfl
 
 Prints one JSON line per executor: median seconds per round after a warm-up round, the bytes
-that crossed the Ray object store per round, and the ratio to the local executor. Ray is
+that crossed the Ray object store per round (all of it, and the part that is client data: each
+actor's own block in the first round, neighbours' samples after), and the ratio to the local
+executor. Ray is
 started here on loopback with this machine's CPUs; each actor gets one CPU.
 """
 
@@ -63,6 +65,10 @@ def main(argv):
                           "ratio_to_local": round(median / local, 3),
                           "object_store_mb_per_round": round(
                               statistics.median(h["object_store_bytes"][1:]) / 2**20, 1),
+                          "client_data_mb_per_round": round(
+                              statistics.median(h["client_data_bytes"][1:]) / 2**20, 1),
+                          "client_data_mb_first_round": round(
+                              h["client_data_bytes"][0] / 2**20, 1),
                           "max_weight_gap_vs_local": gap}), flush=True)
         executor.shutdown()
 

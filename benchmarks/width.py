@@ -23,17 +23,12 @@ and prints one JSON line:
     euler_substeps         per round, mean Euler sub-steps per grid step (``substep_rule``)
     flow_fallbacks         per round, slices whose adaptive flow was redone with the bound step
 
-How the kernel time is measured (directly, not modelled): NTK-DFL evaluates the kernel twice per
-slice and client group: once eagerly from Python in ``evolve`` (the H the flow uses), and once
-inside the ``_stiffness`` tf.function (for lambda_max, which orders clients into batches). After
-``init``, the benchmark wraps ``algorithm._kernel`` with a timer that counts only eager calls (a
-call while tracing ``_stiffness`` is passed through untimed), and times each ``_stiffness`` call
-as a whole. The stiffness call is the same kernel on the same weights and slices plus 30
-power-iteration products with H (about 2 B N^2 flops each, negligible beside building H), so
-the reported kernel time, and share, is a slight over-estimate. Eager TensorFlow on CPU runs
-synchronously; each timed call also fetches one element of its result to be sure. Both wrapped
-attributes are private to ``ntkdfl_tf.algorithms.NTKDFL``: if they are renamed this benchmark
-fails loudly instead of reporting zero.
+How the kernel time is measured (directly, not modelled): NTK-DFL evaluates the kernel once per
+slice and client group, eagerly from Python in ``evolve``. After ``init``, the benchmark wraps
+``algorithm._kernel`` with a timer of its eager calls. Eager TensorFlow on CPU runs
+synchronously; each timed call also fetches one element of its result to be sure. The wrapped
+attribute is private to ``ntkdfl_tf.algorithms.NTKDFL``: if it is renamed this benchmark fails
+loudly instead of reporting zero.
 """
 
 import functools
@@ -79,14 +74,12 @@ class TimedNTKDFL(nd.algorithms.NTKDFL):
 
     def init(self, fns, weights, clients):
         state = super().init(fns, weights, clients)
-        if not isinstance(self._kernel, _Timed):  # init after a rebuild: wrap the new objects
+        if not isinstance(self._kernel, _Timed):  # init after a rebuild: wrap the new object
             self._kernel = _Timed(self._kernel)
-            self._stiffness = _Timed(self._stiffness)
         return state
 
     def timers(self):
-        return (self._kernel.seconds, self._kernel.calls, self._stiffness.seconds,
-                self._stiffness.calls)
+        return self._kernel.seconds, self._kernel.calls
 
 
 class _PerRound(keras.callbacks.Callback):
@@ -94,7 +87,7 @@ class _PerRound(keras.callbacks.Callback):
 
     def __init__(self, algorithm):
         super().__init__()
-        self.algorithm, self.snapshots = algorithm, [(0.0, 0, 0.0, 0)]
+        self.algorithm, self.snapshots = algorithm, [(0.0, 0)]
 
     def on_epoch_end(self, epoch, logs=None):
         self.snapshots.append(self.algorithm.timers())
@@ -109,8 +102,8 @@ def run_width(width, clients, test):
     per_round = _PerRound(algorithm)
     history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0, callbacks=[per_round])
     times = history.history["round_seconds"]
-    snaps = np.diff(np.array(per_round.snapshots), axis=0)  # per round: kernel s, calls, stiff s
-    kernel = snaps[:, 0] + snaps[:, 2]
+    snaps = np.diff(np.array(per_round.snapshots), axis=0)  # per round: kernel s, calls
+    kernel = snaps[:, 0]
     timed = slice(1, None) if len(times) > 1 else slice(None)  # after the warm-up round
     accuracy = trainer.evaluate(*test, clients=False)["val_accuracy"]
     line = {
@@ -122,9 +115,8 @@ def run_width(width, clients, test):
         "round_seconds": [round(t, 3) for t in times],
         "kernel_seconds_median": round(float(np.median(kernel[timed])), 3),
         "kernel_share_median": round(float(np.median(kernel[timed] / np.array(times)[timed])), 3),
-        "evolve_kernel_seconds": [round(float(s), 3) for s in snaps[:, 0]],
-        "stiffness_seconds": [round(float(s), 3) for s in snaps[:, 2]],
-        "kernel_calls_per_round": int(snaps[-1, 1] + snaps[-1, 3]),
+        "kernel_seconds": [round(float(s), 3) for s in kernel],
+        "kernel_calls_per_round": int(snaps[-1, 1]),
         "peak_rss_mb": round(peak_rss_mb()), "peak_rss_before_mb": round(rss_before),
         "val_accuracy": round(accuracy, 4),
         "euler_substeps": [round(s, 2) for s in history.history["euler_substeps"]],

@@ -79,6 +79,13 @@ PRESETS = {
     "paper_fast": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                        rounds=40, jacobian_batches=6, client_batch=30, jit_compile=True,
                        logdir="runs/paper_fast"),
+    # paper_fast with one candidate, tau = 100 grid steps at a constant eta = 0.01 (the
+    # reference's final configuration has tau = 100 too, with eta decaying): 8x less flow and
+    # one candidate per slice. Reaches 85% on Fashion-MNIST sooner in wall-clock time than the
+    # tau grid, in more rounds (README, Performance).
+    "paper_single_tau": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
+                             rounds=40, jacobian_batches=6, client_batch=30, jit_compile=True,
+                             taus=(100,), logdir="runs/paper_single_tau"),
 }
 
 
@@ -96,7 +103,7 @@ def make_topology(cfg):
 def make_algorithm(cfg):
     lr = cfg.learning_rate
     if cfg.lr_decay:
-        lr = functools.partial(_decayed, cfg.learning_rate, cfg.lr_decay)
+        lr = functools.partial(decayed_learning_rate, cfg.learning_rate, cfg.lr_decay)
     if cfg.algorithm == "ntk_dfl":
         return algorithms.NTKDFL(learning_rate=lr, taus=cfg.taus, loss=cfg.loss,
                                  kernel=cfg.kernel, per_round_averaging=cfg.per_round_averaging,
@@ -109,7 +116,8 @@ def make_algorithm(cfg):
     return algorithms.get(cfg.algorithm, **{k: v for k, v in local.items() if v is not None})
 
 
-def _decayed(lr, decay, round_index):
+def decayed_learning_rate(lr, decay, round_index):
+    """eta_r = lr * exp(-decay * r): the reference's per-round decay (a picklable schedule)."""
     return lr * math.exp(-decay * round_index)
 
 

@@ -17,7 +17,7 @@ def local_ray():
 
 
 ALGORITHMS = {
-    # client batches of 2 and Jacobian batching: the stiffness ordering and slices run remotely
+    # client batches of 2 and Jacobian batching: the slices are dealt remotely
     "ntk_dfl": lambda: nd.algorithms.NTKDFL(taus=(20, 50), client_batch=2, jacobian_batches=2),
     "dfedavg": lambda: nd.algorithms.get("dfedavg", local_epochs=1, client_batch=3),
 }
@@ -47,8 +47,25 @@ def test_only_weights_cross_the_object_store_each_round(tiny, local_ray):
     # 8 clients in groups of 3: 9 client slots of weights go out and come back
     weights = sum(w.numpy().nbytes for w in trainer.client_weights) * 9 / 8
     data = tiny[0].x.size * 4  # the features, were they re-sent
-    for sent in history["object_store_bytes"]:
-        assert 2 * weights <= sent < 2 * weights + data / 4  # weights out and back, no data
+    # the first round ships each actor its own block once: every client's data, exactly once
+    assert history["client_data_bytes"][0] > data
+    assert history["client_data_bytes"][1] == 0  # DFedAvg reads no other client's data
+    for sent, client_data in zip(history["object_store_bytes"], history["client_data_bytes"]):
+        assert 2 * weights <= sent - client_data < 2 * weights + data / 4
+
+
+def test_actors_hold_their_block_and_this_rounds_neighbours_only(small_fashion, local_ray):
+    clients, _ = small_fashion  # 20 clients on a ring: actor 0 serves 0-9, actor 1 10-19
+    algorithm = nd.algorithms.NTKDFL(taus=(20, 50), client_batch=5, jacobian_batches=2)
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, algorithm, nd.topology.Ring(), seed=0,
+                                      executor=local_ray)
+    history = trainer.fit(clients, rounds=2, verbose=0).history
+    held = local_ray.held_clients()
+    assert held == [list(range(0, 11)) + [19], [0] + list(range(9, 20))]
+    per_client = clients.mask.shape[1] * (784 + 10 + 1) * 4  # features, one-hot labels, mask
+    # every round each actor fetches its block's two ring neighbours across the boundary
+    assert history["client_data_bytes"][1] == 4 * per_client
+    assert history["client_data_bytes"][0] == (20 + 4) * per_client  # plus the blocks, once
 
 
 def test_actor_killed_mid_round_is_restarted_and_the_round_retried(tiny, local_ray, monkeypatch):
@@ -58,8 +75,8 @@ def test_actor_killed_mid_round_is_restarted_and_the_round_retried(tiny, local_r
 
     def get_after_killing(refs, *args, **kwargs):
         calls.append(1)
-        # the 4th map is round 2's evolution: its calls are in flight when actor 0 dies
-        if len(calls) == 4 and not killed and isinstance(refs, list):
+        # the 2nd map is round 2's evolution: its calls are in flight when actor 0 dies
+        if len(calls) == 2 and not killed and isinstance(refs, list):
             killed.append(real_get(executor.actors[0].pid.remote()))
             ray.kill(executor.actors[0], no_restart=False)
         return real_get(refs, *args, **kwargs)

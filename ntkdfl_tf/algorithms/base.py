@@ -17,16 +17,31 @@ class ClientTensors:
         labels: one-hot labels ``[K, n_max, C]``, zero on padding rows.
         mask: ``[K, n_max]`` float32, 1 for real samples.
         counts: real samples per client, NumPy int64 ``[K]``.
+        ids: which clients the rows are, sorted int64 ``[K]``; None for all clients in order.
+            A remote executor gives each copy of the algorithm only the clients it needs.
     """
 
     features: tf.Tensor
     labels: tf.Tensor
     mask: tf.Tensor
     counts: np.ndarray
+    ids: np.ndarray = None
 
     @property
     def num_clients(self):
         return int(self.features.shape[0])
+
+    def rows(self, clients):
+        """Row positions of global client ids ``clients`` (any shape) in these tensors."""
+        clients = np.asarray(clients)
+        if self.ids is None:
+            return clients
+        rows = np.searchsorted(self.ids, clients)
+        if not np.array_equal(self.ids[np.minimum(rows, len(self.ids) - 1)], clients):
+            missing = np.setdiff1d(clients, self.ids)
+            raise KeyError(f"clients {missing[:10].tolist()} are not held here; the executor "
+                           "must send their data with the call (call_clients).")
+        return rows.astype(clients.dtype)
 
 
 class Algorithm:
@@ -53,6 +68,19 @@ class Algorithm:
 
     def init(self, fns, weights, clients):
         return {}
+
+    def call_clients(self, method, call):
+        """The clients whose data one per-group call reads (global ids), for remote executors.
+
+        Args:
+            method: the per-group method's name. call: its per-call arguments.
+
+        Returns:
+            ``(members, reads)``: the clients whose results the call computes, and every client
+            whose data it reads (members included).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not say which data its "
+                                  f"{method!r} calls read; a remote executor needs it.")
 
     def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
         raise NotImplementedError

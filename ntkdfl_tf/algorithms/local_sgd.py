@@ -57,7 +57,13 @@ class LocalSGD(base.Algorithm):
         # index n_max addresses an appended all-zero (masked) row: the last batch's padding
         self._data = [base.append_zero_row(t) for t in
                       (clients.features, clients.labels, clients.mask)]
+        self._rows = clients.rows
         return {}
+
+    def call_clients(self, method, call):
+        """A group trains on its own clients' data only."""
+        clients = np.unique(call[1])
+        return clients, clients
 
     def _schedule(self, counts, n_max, rng):
         """Per-step sample indices [steps, K, batch]: each epoch a fresh per-client shuffle."""
@@ -102,7 +108,8 @@ class LocalSGD(base.Algorithm):
         Returns:
             ``(weights, loss)``: NumPy new weights and mean batch loss ``[B]``.
         """
-        feats, labels, mask = (tf.gather(t, idx) for t in self._data)
+        rows = self._rows(idx)
+        feats, labels, mask = (tf.gather(t, rows) for t in self._data)
         w, loss = self._train([tf.constant(w) for w in weights], feats, labels, mask,
                               tf.constant(steps), tf.constant(lr, tf.float32))
         return [v.numpy() for v in w], loss.numpy()

@@ -104,11 +104,15 @@ class NTKDFL(base.Algorithm):
             self._fns = fns
             self._evolve = tf.function(self._evolve_group, reduce_retracing=True,
                                        jit_compile=self.jit_compile)
-            self._stiffness = tf.function(self._stiffness_of, reduce_retracing=True)
             self._matrix_free = hasattr(self._kernel, "operator")
             self._built_for = fns
         self._clients, self._slices = clients, (None, None)
         return {}
+
+    def call_clients(self, method, call):
+        """A group reads its clients' closed neighbourhoods (``call[1]`` is ``index``)."""
+        index = np.asarray(call[1])
+        return np.unique(index[:, 0]), np.unique(index)
 
     # -- one round --------------------------------------------------------------------------
     def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
@@ -128,19 +132,9 @@ class NTKDFL(base.Algorithm):
                 weights, mixing, index, valid, shared, eta)
         else:
             averaged = [w.numpy() for w in base.neighbour_average(mixing, weights)]
-            order = np.arange(num_clients)
-            # A batch shares the finest Euler step any member needs: batch like with like. Not
-            # for the explicit kernel: ordering costs a second kernel evaluation, dearer there
-            # than the extra flow sub-steps of a mixed batch.
-            if size > 1 and not isinstance(self._kernel, kernels.ExplicitNTK):
-                calls = [([a[idx] for a in averaged], index[idx], valid[idx])
-                         for idx, _ in base.client_groups(num_clients, size)]
-                stiffness = np.concatenate(
-                    [lam[:real] for lam, (_, real) in
-                     zip(executor.map("stiffness_group", calls, shared),
-                         base.client_groups(num_clients, size))])
-                order = np.argsort(stiffness, kind="stable")
-            groups = [(order[g], real) for g, real in base.client_groups(num_clients, size)]
+            # contiguous groups, the same every round: a remote executor serves each block of
+            # clients from the actor that holds their data
+            groups = base.client_groups(num_clients, size)
             calls = [([a[idx] for a in averaged], index[idx], valid[idx], eta)
                      for idx, _ in groups]
             results = executor.map("evolve_group", calls, shared)
@@ -195,15 +189,6 @@ class NTKDFL(base.Algorithm):
             self._slices = (round_index, slices_from_orders(self._clients, orders))
         return self._slices[1]
 
-    def stiffness_group(self, round_index, orders, weights, index, valid):
-        """lambda_max(H/N) of each client of a group, the largest over its slices: NumPy [B]."""
-        w = [tf.constant(a) for a in weights]
-        lam = 0.0
-        for part in self._round_slices(round_index, orders):
-            feats, _, mask = gather_neighbourhood(part, index, valid)
-            lam = np.maximum(lam, self._stiffness(w, feats, mask).numpy())
-        return lam
-
     def evolve_group(self, round_index, orders, weights, index, valid, eta):
         """``evolve`` for one group, from NumPy averaged weights; returns NumPy results."""
         new, loss, tau, steps, flow_loss, redone = self.evolve(
@@ -246,12 +231,6 @@ class NTKDFL(base.Algorithm):
             substeps.append(float(steps))
         return (current, np.mean(losses, 0), np.mean(taus, 0), substeps, np.mean(flow_losses, 0),
                 redone)
-
-    def _stiffness_of(self, weights, feats, mask):
-        n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
-        h = (self._kernel.operator(weights, feats, mask) if self._matrix_free
-             else self._kernel(weights, feats, mask))
-        return kernels.lambda_max(h, mask=mask) / n
 
     def _evolve_group(self, linearised, weights, feats, labels, mask, h, eta, bound_step):
         """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``.
@@ -341,6 +320,8 @@ def slices_from_orders(clients, orders):
     """The slices (ClientTensors each) that ``slice_orders`` describes; ``[clients]`` for None."""
     if orders is None:
         return [clients]
+    if clients.ids is not None:  # a remote copy holds some clients: their rows of the deal
+        orders = orders[:, clients.ids]
     feats, labels, mask = (base.append_zero_row(t) for t in
                            (clients.features, clients.labels, clients.mask))
     parts = []
@@ -349,7 +330,8 @@ def slices_from_orders(clients, orders):
         part_mask = tf.gather(mask, idx, batch_dims=1)
         parts.append(base.ClientTensors(tf.gather(feats, idx, batch_dims=1),
                                         tf.gather(labels, idx, batch_dims=1), part_mask,
-                                        part_mask.numpy().sum(1).astype(np.int64)))
+                                        part_mask.numpy().sum(1).astype(np.int64),
+                                        clients.ids))
     return parts
 
 
@@ -361,7 +343,7 @@ def deal_slices(clients, m, rng):
 
 def gather_neighbourhood(clients, index, valid):
     """Stacks each client's closed-neighbourhood data: ``[B, S * n_max, ...]`` and masks."""
-    index = tf.convert_to_tensor(index)
+    index = tf.convert_to_tensor(clients.rows(index))
     batch, slots = index.shape
     n_max = clients.features.shape[1]
 

@@ -1,14 +1,23 @@
-"""RayExecutor: client groups on Ray actors, each with its own copy of the algorithm.
+"""RayExecutor: client groups on Ray actors; each actor holds its own clients' data.
 
-Each actor builds the model and the algorithm once and fetches the client data once from the
-object store (on one node the data is shared memory, not copied per actor). Per round, only what
-the per-group methods take and return crosses the object store: the group's weights in, the
-new weights and logs out, plus small index arrays. Groups are dealt to actors in contiguous
-blocks, so actor a always serves the same clients when the group order is fixed.
+Data placement follows the protocol. ``start`` puts every client's data in the object store
+as its own object (on a cluster, each node would load its clients' shard instead). The first
+round deals the client groups to the actors in contiguous blocks, and from then on actor a
+*owns* those clients: it fetches their data once per ``fit`` and keeps it. Each round an actor
+also fetches the data of the clients outside its block that its clients' neighbourhoods read
+(NTK-DFL: every neighbour's samples, from which it computes the Jacobians and outputs at the
+receiving client's averaged weights that the protocol sends; DFedAvg: none) and drops them
+after the round. Weights go out with each call and come back with the results.
+
+Why samples rather than Jacobians cross between actors: a neighbour's Jacobian at w_bar_i is a
+function of its samples and w_bar_i, which the receiver has, and it is C * P / d (~1,000x for
+the MLP) times larger than the samples. ``bytes_sent`` in the logs still counts what the
+protocol itself transmits.
 
 Actors are restartable (``max_restarts``) and their calls retried (``max_task_retries``): an
-actor that dies mid-round is restarted, rebuilds its state from the object store, and the
-calls it lost run again with the same inputs, so the round's results do not change.
+actor that dies mid-round is restarted, reloads its block from the object store (the driver
+owns those objects, so they outlive the actor), and the calls it lost run again with the same
+inputs, so the round's results do not change.
 """
 
 import os
@@ -21,7 +30,7 @@ import ray
 
 @ray.remote
 class ClientShard:
-    """One Ray actor: the model, a copy of the algorithm and the client data.
+    """One Ray actor: the model, a copy of the algorithm, and the data of the clients it serves.
 
     The set-up travels with every call as an object-store reference plus a token, and the
     actor rebuilds only when the token changes. So actors are reused across ``fit`` calls, and
@@ -34,28 +43,40 @@ class ClientShard:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
-        self.token, self.algorithm = None, None
+        self.token, self.algorithm, self.own, self.held = None, None, None, None
 
     def _build(self, setup):
-        import tensorflow as tf
-
         from ntkdfl_tf import functional
-        from ntkdfl_tf.algorithms import base
 
-        model_fn, blob, data = setup
-        algorithm = pickle.loads(blob)
-        fns = functional.ModelFunctions(model_fn())
-        clients = base.ClientTensors(tf.constant(data["features"]), tf.constant(data["labels"]),
-                                     tf.constant(data["mask"]), data["counts"])
-        algorithm.init(fns, None, clients)
-        return algorithm
+        model_fn, blob = setup
+        self.fns = functional.ModelFunctions(model_fn())
+        return pickle.loads(blob)
 
     def pid(self):
         return os.getpid()
 
-    def call(self, token, setup, method, shared, calls):
+    def held_clients(self):
+        """The clients whose data this actor holds now (its block and this round's reads)."""
+        return [] if self.held is None else self.held[0].tolist()
+
+    def call(self, token, setup, method, shared, calls, own_ids, own_refs, read_ids, read_refs):
+        import tensorflow as tf
+
+        from ntkdfl_tf.algorithms import base
+
         if token != self.token:
-            self.algorithm, self.token = self._build(setup), token
+            self.algorithm, self.token, self.own, self.held = self._build(setup), token, None, None
+        if self.own is None or not np.array_equal(self.own[0], own_ids):
+            self.own = (np.asarray(own_ids), ray.get(list(own_refs)))  # once per fit
+        ids = np.concatenate([self.own[0], np.asarray(read_ids, np.int64)])
+        if self.held is None or not np.array_equal(self.held[0], np.sort(ids)):
+            data = self.own[1] + (ray.get(list(read_refs)) if len(read_refs) else [])
+            order = np.argsort(ids)
+            stack = [np.stack([data[i][f] for i in order]) for f in range(3)]
+            clients = base.ClientTensors(*(tf.constant(t) for t in stack),
+                                         np.asarray([data[i][3] for i in order]), ids[order])
+            self.algorithm.init(self.fns, None, clients)
+            self.held = (ids[order], clients)
         fn = getattr(self.algorithm, method)
         return [fn(*shared, *c) for c in calls]
 
@@ -91,20 +112,24 @@ class RayExecutor:
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.max_restarts, self.threads_per_actor = max_restarts, threads_per_actor
         self.actors = []
-        self._bytes = 0
+        self._bytes = self._data_bytes = 0
 
     def start(self, model_fn, algorithm, clients):
-        """Starts Ray and the actors if needed, and ships this fit's set-up once."""
+        """Starts Ray and the actors if needed; puts each client's data in the object store."""
         if not ray.is_initialized():
             if self.address is None:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False,
                          _node_ip_address="127.0.0.1", log_to_driver=False)
             else:
                 ray.init(address=self.address, log_to_driver=False)
-        data = {"features": clients.features.numpy(), "labels": clients.labels.numpy(),
-                "mask": clients.mask.numpy(), "counts": np.asarray(clients.counts)}
+        arrays = [t.numpy() for t in (clients.features, clients.labels, clients.mask)]
+        self._client_refs = [ray.put(tuple(t[i] for t in arrays) + (int(clients.counts[i]),))
+                             for i in range(clients.num_clients)]
+        self._client_bytes = np.array([sum(t[i].nbytes for t in arrays)
+                                       for i in range(clients.num_clients)])
+        self._algorithm = algorithm  # says which clients' data each call reads
         blob = ray.cloudpickle.dumps(algorithm)  # lambdas (schedules) included
-        self._setup = ray.put((model_fn, blob, data))
+        self._setup = ray.put((model_fn, blob))
         self._token = uuid.uuid4().hex
         if not self.actors:
             threads = self.threads_per_actor
@@ -112,21 +137,36 @@ class RayExecutor:
                 num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor,
                 max_restarts=self.max_restarts, max_task_retries=-1).remote(threads)
                 for _ in range(self.num_actors)]
+        self._own = [None] * len(self.actors)  # set by the first map: the blocks they serve
 
     def map(self, method, calls, shared=()):
-        """The calls dealt to the actors in contiguous blocks; results in call order."""
+        """The calls dealt to the actors in contiguous blocks; results in call order.
+
+        An actor's first block of calls fixes the clients it owns (their data stays on it);
+        the data of other clients its calls read is fetched for this map only.
+        """
         if not self.actors:
             raise RuntimeError("RayExecutor.map before start(): use it through trainer.fit.")
         shared_ref = ray.put(shared)
         self._bytes += sum(_nbytes(shared) for _ in self.actors)
         blocks = np.array_split(np.arange(len(calls)), len(self.actors))
         futures = []
-        for actor, block in zip(self.actors, blocks):
-            if len(block):
-                part = [calls[i] for i in block]
-                self._bytes += _nbytes(part)
-                futures.append(actor.call.remote(self._token, self._setup, method, shared_ref,
-                                                 part))
+        for a, (actor, block) in enumerate(zip(self.actors, blocks)):
+            if not len(block):
+                continue
+            part = [calls[i] for i in block]
+            members, reads = zip(*(self._algorithm.call_clients(method, c) for c in part))
+            if self._own[a] is None:
+                self._own[a] = np.unique(np.concatenate(members)).astype(np.int64)
+                self._data_bytes += int(self._client_bytes[self._own[a]].sum())
+            own = self._own[a]
+            extra = np.setdiff1d(np.concatenate(reads), own).astype(np.int64)
+            self._data_bytes += int(self._client_bytes[extra].sum())
+            self._bytes += _nbytes(part)
+            futures.append(actor.call.remote(
+                self._token, self._setup, method, shared_ref, part, own,
+                [self._client_refs[i] for i in own], extra,
+                [self._client_refs[i] for i in extra]))
         results = [r for part in ray.get(futures) for r in part]
         self._bytes += _nbytes(results)
         return results
@@ -135,9 +175,19 @@ class RayExecutor:
         """Process ids of the actors (they change when Ray restarts one)."""
         return ray.get([a.pid.remote() for a in self.actors])
 
+    def held_clients(self):
+        """Per actor, the clients whose data it holds after the last map."""
+        return ray.get([a.held_clients.remote() for a in self.actors])
+
     def round_stats(self):
-        """Bytes that crossed the object store since the last call (per round in the logs)."""
-        stats, self._bytes = {"object_store_bytes": float(self._bytes)}, 0
+        """Bytes that crossed the object store since the last call (per round in the logs).
+
+        ``object_store_bytes`` counts all of it; ``client_data_bytes`` the part that is client
+        data (each actor's own block once per fit, then the neighbours' samples each round).
+        """
+        stats = {"object_store_bytes": float(self._bytes + self._data_bytes),
+                 "client_data_bytes": float(self._data_bytes)}
+        self._bytes = self._data_bytes = 0
         return stats
 
     def shutdown(self):
