@@ -232,3 +232,29 @@ def test_adaptive_step_falls_back_to_the_bound_when_the_flow_loss_rises(tiny, mo
     assert hr.history["euler_substeps"] == hb.history["euler_substeps"]
     for wr, wb in zip(redone.client_weights, bound.client_weights):
         np.testing.assert_allclose(wr.numpy(), wb.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_subset_of_clients_gathers_the_same_neighbourhoods_as_all_of_them():
+    """What a Ray actor holding some clients' data computes from equals the full gather."""
+    from ntkdfl_tf.algorithms import ntkdfl
+
+    rng = np.random.default_rng(0)
+    k, n_max, d, c = 6, 5, 3, 4
+    counts = np.array([5, 3, 4, 5, 2, 1])
+    mask = (np.arange(n_max)[None] < counts[:, None]).astype(np.float32)
+    labels = np.eye(c, dtype=np.float32)[rng.integers(0, c, (k, n_max))] * mask[..., None]
+    full = base.ClientTensors(tf.constant(rng.normal(size=(k, n_max, d)), tf.float32),
+                              tf.constant(labels), tf.constant(mask), counts)
+    ids = np.array([1, 3, 4])
+    held = base.ClientTensors(*(tf.gather(t, ids) for t in (full.features, full.labels,
+                                                            full.mask)), counts[ids], ids)
+    orders = ntkdfl.slice_orders(counts, n_max, 2, rng)  # a deal of all six clients
+    index = np.array([[3, 1, 4], [4, 4, 3]])  # neighbourhoods within the held clients
+    valid = np.array([[1, 1, 1], [1, 0, 1]], np.float32)
+    for whole, part in zip(ntkdfl.slices_from_orders(full, orders),
+                           ntkdfl.slices_from_orders(held, orders)):
+        for a, b in zip(ntkdfl.gather_neighbourhood(whole, index, valid),
+                        ntkdfl.gather_neighbourhood(part, index, valid)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(KeyError, match=r"\[2\]"):
+        held.rows([1, 2])

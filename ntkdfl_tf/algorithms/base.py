@@ -10,7 +10,8 @@ FLOAT_BYTES = 4
 
 @dataclasses.dataclass
 class ClientTensors:
-    """Every client's training data, on the device, in the form the algorithms consume.
+    """The clients' training data (all of them, or those in ``ids``), on the device, in the form
+    the algorithms consume.
 
     Attributes:
         features: ``fns.features(x)`` per client, ``[K, n_max, ...]`` float32.
@@ -77,10 +78,10 @@ class Algorithm:
 
         Returns:
             ``(members, reads)``: the clients whose results the call computes, and every client
-            whose data it reads (members included).
+            whose data it reads (members included); or None (this default): every client's
+            data, on every actor.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not say which data its "
-                                  f"{method!r} calls read; a remote executor needs it.")
+        return None
 
     def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
         raise NotImplementedError

@@ -62,6 +62,8 @@ class LocalSGD(base.Algorithm):
 
     def call_clients(self, method, call):
         """A group trains on its own clients' data only."""
+        if method != "train_group":
+            raise ValueError(f"{type(self).__name__} has no per-group method {method!r}.")
         clients = np.unique(call[1])
         return clients, clients
 

@@ -35,7 +35,8 @@ class NTKDFL(base.Algorithm):
             client (N = 1194: 0.52 s per client alone, 0.61 s in XLA-compiled batches of 4).
             With ``jacobian_batches`` > 1 (N ~ 200 per slice) batches of 30-60 under
             ``jit_compile`` are fastest. A batch shares one Euler step size, the finest any of
-            its clients needs.
+            its clients needs. Batches are contiguous runs of client indices, the same every
+            round (a remote executor keeps each run's data on one actor).
         jacobian_chunk: samples per Jacobian chunk for ``kernel="explicit"`` (bounds memory).
         jacobian_batches: the reference's Jacobian batching ``m``. Each round every client's
             samples are shuffled and dealt into m slices; slice k of a neighbourhood is slice k
@@ -111,6 +112,8 @@ class NTKDFL(base.Algorithm):
 
     def call_clients(self, method, call):
         """A group reads its clients' closed neighbourhoods (``call[1]`` is ``index``)."""
+        if method != "evolve_group":
+            raise ValueError(f"NTK-DFL has no per-group method {method!r}.")
         index = np.asarray(call[1])
         return np.unique(index[:, 0]), np.unique(index)
 
@@ -320,8 +323,8 @@ def slices_from_orders(clients, orders):
     """The slices (ClientTensors each) that ``slice_orders`` describes; ``[clients]`` for None."""
     if orders is None:
         return [clients]
-    if clients.ids is not None:  # a remote copy holds some clients: their rows of the deal
-        orders = orders[:, clients.ids]
+    if clients.ids is not None and orders.shape[1] != clients.num_clients:
+        orders = orders[:, clients.ids]  # a deal of all clients; these tensors hold some
     feats, labels, mask = (base.append_zero_row(t) for t in
                            (clients.features, clients.labels, clients.mask))
     parts = []

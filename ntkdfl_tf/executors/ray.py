@@ -1,13 +1,15 @@
 """RayExecutor: client groups on Ray actors; each actor holds its own clients' data.
 
-Data placement follows the protocol. ``start`` puts every client's data in the object store
-as its own object (on a cluster, each node would load its clients' shard instead). The first
-round deals the client groups to the actors in contiguous blocks, and from then on actor a
-*owns* those clients: it fetches their data once per ``fit`` and keeps it. Each round an actor
-also fetches the data of the clients outside its block that its clients' neighbourhoods read
-(NTK-DFL: every neighbour's samples, from which it computes the Jacobians and outputs at the
-receiving client's averaged weights that the protocol sends; DFedAvg: none) and drops them
-after the round. Weights go out with each call and come back with the results.
+Data placement follows the protocol. ``start`` puts every client's data in the object store as
+its own object. (The driver reads the dataset; loading each block on its own node instead is
+not implemented.) The first map of a ``fit`` deals the client groups to the actors in
+contiguous blocks, and from then on actor a *owns* those clients: it fetches their data once per
+``fit`` and keeps it. An actor also fetches the data of the clients outside its block that its
+calls read (``Algorithm.call_clients``; NTK-DFL: its clients' neighbours' samples, from which
+it computes the Jacobians and outputs at the receiving client's averaged weights that the
+protocol sends; DFedAvg: none). It keeps them while the next map reads them too and drops
+them when it does not, so an actor holds its block plus one round's neighbours. Weights go out
+with each call and come back with the results.
 
 Why samples rather than Jacobians cross between actors: a neighbour's Jacobian at w_bar_i is a
 function of its samples and w_bar_i, which the receiver has, and it is C * P / d (~1,000x for
@@ -43,7 +45,7 @@ class ClientShard:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
-        self.token, self.algorithm, self.own, self.held = None, None, None, None
+        self.token, self.algorithm, self.own, self.held, self.extra = None, None, None, None, {}
 
     def _build(self, setup):
         from ntkdfl_tf import functional
@@ -68,9 +70,15 @@ class ClientShard:
             self.algorithm, self.token, self.own, self.held = self._build(setup), token, None, None
         if self.own is None or not np.array_equal(self.own[0], own_ids):
             self.own = (np.asarray(own_ids), ray.get(list(own_refs)))  # once per fit
+            self.extra, self.held = {}, None
+        # other clients' data: fetch what is new, drop what this map no longer reads
+        new = [i for i, c in enumerate(read_ids) if c not in self.extra]
+        fetched = ray.get([read_refs[i] for i in new]) if new else []
+        self.extra = {**{c: self.extra[c] for c in read_ids if c in self.extra},
+                      **{read_ids[i]: d for i, d in zip(new, fetched)}}
         ids = np.concatenate([self.own[0], np.asarray(read_ids, np.int64)])
         if self.held is None or not np.array_equal(self.held[0], np.sort(ids)):
-            data = self.own[1] + (ray.get(list(read_refs)) if len(read_refs) else [])
+            data = self.own[1] + [self.extra[c] for c in read_ids]
             order = np.argsort(ids)
             stack = [np.stack([data[i][f] for i in order]) for f in range(3)]
             clients = base.ClientTensors(*(tf.constant(t) for t in stack),
@@ -138,12 +146,29 @@ class RayExecutor:
                 max_restarts=self.max_restarts, max_task_retries=-1).remote(threads)
                 for _ in range(self.num_actors)]
         self._own = [None] * len(self.actors)  # set by the first map: the blocks they serve
+        self._extra = [np.zeros(0, np.int64)] * len(self.actors)
+
+    def _call_clients(self, method, calls):
+        """Sorted global ids of the clients ``calls`` compute and of those whose data they read.
+
+        An algorithm without ``call_clients`` reads every client's data on every actor.
+        """
+        everyone = np.arange(len(self._client_refs), dtype=np.int64)
+        found = [getattr(self._algorithm, "call_clients", lambda *_: None)(method, c)
+                 for c in calls]
+        if any(f is None for f in found):
+            return everyone, everyone
+        members, reads = zip(*found)
+        return (np.unique(np.concatenate(members)).astype(np.int64),
+                np.unique(np.concatenate(reads)).astype(np.int64))
 
     def map(self, method, calls, shared=()):
         """The calls dealt to the actors in contiguous blocks; results in call order.
 
-        An actor's first block of calls fixes the clients it owns (their data stays on it);
-        the data of other clients its calls read is fetched for this map only.
+        An actor's first block of calls in a fit fixes the clients it owns (their data stays on
+        it for the fit; if later maps deal differently, their clients are fetched as others').
+        Other clients' data that its calls read is fetched when first needed, kept while the
+        next map reads it too, and dropped when it does not.
         """
         if not self.actors:
             raise RuntimeError("RayExecutor.map before start(): use it through trainer.fit.")
@@ -155,17 +180,19 @@ class RayExecutor:
             if not len(block):
                 continue
             part = [calls[i] for i in block]
-            members, reads = zip(*(self._algorithm.call_clients(method, c) for c in part))
-            if self._own[a] is None:
-                self._own[a] = np.unique(np.concatenate(members)).astype(np.int64)
-                self._data_bytes += int(self._client_bytes[self._own[a]].sum())
+            members, reads = self._call_clients(method, part)
+            if self._own[a] is None:  # this fit's first map: the actor's block
+                self._own[a] = members
+                self._data_bytes += int(self._client_bytes[members].sum())
             own = self._own[a]
-            extra = np.setdiff1d(np.concatenate(reads), own).astype(np.int64)
-            self._data_bytes += int(self._client_bytes[extra].sum())
+            extra = np.setdiff1d(reads, own).astype(np.int64)
+            # counted when first sent; the actor keeps what the next map reads again
+            self._data_bytes += int(self._client_bytes[np.setdiff1d(extra, self._extra[a])].sum())
+            self._extra[a] = extra
             self._bytes += _nbytes(part)
             futures.append(actor.call.remote(
                 self._token, self._setup, method, shared_ref, part, own,
-                [self._client_refs[i] for i in own], extra,
+                [self._client_refs[i] for i in own], extra.tolist(),
                 [self._client_refs[i] for i in extra]))
         results = [r for part in ray.get(futures) for r in part]
         self._bytes += _nbytes(results)
@@ -183,7 +210,8 @@ class RayExecutor:
         """Bytes that crossed the object store since the last call (per round in the logs).
 
         ``object_store_bytes`` counts all of it; ``client_data_bytes`` the part that is client
-        data (each actor's own block once per fit, then the neighbours' samples each round).
+        data: each actor's own block once per fit, then other clients' samples when an actor
+        first needs them (what a restarted actor fetches again is not counted).
         """
         stats = {"object_store_bytes": float(self._bytes + self._data_bytes),
                  "client_data_bytes": float(self._data_bytes)}
