@@ -69,6 +69,7 @@ def main(argv):
                               statistics.median(h["client_data_bytes"][1:]) / 2**20, 1),
                           "client_data_mb_first_round": round(
                               h["client_data_bytes"][0] / 2**20, 1),
+                          "clients_held_per_actor": [len(h) for h in executor.held_clients()],
                           "max_weight_gap_vs_local": gap}), flush=True)
         executor.shutdown()
 

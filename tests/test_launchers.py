@@ -9,6 +9,8 @@ import sys
 import keras
 import pytest
 
+from ntkdfl_tf import experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num_clients=6", "--samples_per_client=30", "--num_neighbors=2", "--rounds=2",
         "--taus=10,20", "--local_epochs=1", "--verbose=2"]
@@ -104,3 +106,11 @@ def test_sweep_figures_skip_partitions_without_alpha(tmp_path):
     assert "heterogeneity.png" not in figures(shards)  # nothing to sweep, and no error
     swept = shards + [row("ntk_dfl", "dirichlet", 0.1, 0.08), row("ntk_dfl", "iid", "", 0.05)]
     assert "heterogeneity.png" in figures(swept)
+
+
+@pytest.mark.parametrize("name", sorted(experiment.PRESETS))
+def test_every_preset_builds_its_algorithm(name):
+    cfg = experiment.Config(**experiment.PRESETS[name])  # a misspelt field raises TypeError
+    algorithm = experiment.make_algorithm(cfg)
+    assert algorithm.taus == tuple(cfg.taus)
+    assert algorithm.jacobian_batches == cfg.jacobian_batches
