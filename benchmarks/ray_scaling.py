@@ -4,10 +4,11 @@
     python benchmarks/ray_scaling.py --clients=50 --algorithm=ntk_dfl
 
 Prints one JSON line per executor: median seconds per round after a warm-up round, the bytes
-that crossed the Ray object store per round (all of it, and the part that is client data: each
-actor's own block in the first round, neighbours' samples after), and the ratio to the local
-executor. Ray is
-started here on loopback with this machine's CPUs; each actor gets one CPU.
+that crossed the Ray object store per round (all of it, and the part that is client data: in
+the first round each actor's own block and its neighbours across the block boundary, after that
+the neighbours it did not hold the round before), the clients each actor holds at the end, and
+the ratio to the local executor. Ray is started here on loopback with this machine's CPUs; each
+actor gets one CPU.
 """
 
 import json
@@ -69,7 +70,8 @@ def main(argv):
                               statistics.median(h["client_data_bytes"][1:]) / 2**20, 1),
                           "client_data_mb_first_round": round(
                               h["client_data_bytes"][0] / 2**20, 1),
-                          "clients_held_per_actor": [len(h) for h in executor.held_clients()],
+                          "clients_held_per_actor": [len(held)
+                                                     for held in executor.held_clients()],
                           "max_weight_gap_vs_local": gap}), flush=True)
         executor.shutdown()
 

@@ -7,7 +7,8 @@
 Prints one JSON line per (algorithm, clients): the median round time after one warm-up round
 (Fashion-MNIST, alpha=0.1, kappa=5, MLP 784-100-10, 200 samples per client; training only, no
 evaluation), the peak RSS so far, the mean Euler sub-steps, and the ``tf.function`` trace counts
-after the warm-up round and after the last (equal: no retracing). Then the ratio of NTK-DFL's
+after the warm-up round and after the last (equal: no retracing), and the resident memory after
+each round (flat: no growth). Then the ratio of NTK-DFL's
 median to DFedAvg's (5 local epochs by default, as the performance issue asks). The sweeps time
 the NTK-DFL round at ``--sweep_clients`` clients for each kappa and each samples-per-client.
 """
@@ -44,6 +45,12 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb():
+    """This process's resident memory now (Linux), to show growth across rounds."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def make_algorithm(name, client_batch):
     if name == "ntk_dfl":
         return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
@@ -57,10 +64,11 @@ def make_algorithm(name, client_batch):
 class _Traces(keras.callbacks.Callback):
     def __init__(self, trainer):
         super().__init__()
-        self.trainer, self.counts = trainer, []
+        self.trainer, self.counts, self.rss = trainer, [], []
 
     def on_epoch_end(self, epoch, logs=None):
         self.counts.append(sum(self.trainer.tracing_counts().values()))
+        self.rss.append(current_rss_mb())
 
 
 def time_rounds(name, clients, kappa, client_batch=None, **fields):
@@ -73,7 +81,8 @@ def time_rounds(name, clients, kappa, client_batch=None, **fields):
     line = {"algorithm": name, "clients": clients.num_clients, "kappa": kappa, **fields,
             "round_seconds_median": round(statistics.median(times[1:]), 3),
             "round_seconds": [round(t, 3) for t in times], "peak_rss_mb": round(peak_rss_mb()),
-            "traces_after_warmup": traces.counts[0], "traces_after_last": traces.counts[-1]}
+            "traces_after_warmup": traces.counts[0], "traces_after_last": traces.counts[-1],
+            "rss_mb_after_each_round": [round(r) for r in traces.rss]}
     if name == "ntk_dfl":
         line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=client_batch,
                     jit_compile=FLAGS.jit_compile, substep_rule=FLAGS.substep_rule,

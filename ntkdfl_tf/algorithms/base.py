@@ -74,7 +74,8 @@ class Algorithm:
         """The clients whose data one per-group call reads (global ids), for remote executors.
 
         Args:
-            method: the per-group method's name. call: its per-call arguments.
+            method: the per-group method's name.
+            call: its per-call arguments.
 
         Returns:
             ``(members, reads)``: the clients whose results the call computes, and every client
