@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 
 import common
-from common import peak_rss_mb
+from common import peak_rss_mb, rss_mb
 
 common.define_setting_flags(clients=10)
 flags.DEFINE_list("models", ["mlp", "cnn"], "Training: models (empty: skip).")
@@ -159,17 +159,6 @@ def run_single():
 
 
 # -- in the watching process --------------------------------------------------------------------
-def _rss_mb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for row in f:
-                if row.startswith("VmRSS:"):
-                    return int(row.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def run_child(single, time_limit):
     """Runs ``--single=single`` in a subprocess under the memory and time caps.
 
@@ -190,7 +179,7 @@ def run_child(single, time_limit):
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
         t0, peak, killed = time.perf_counter(), 0.0, None
         while proc.poll() is None:
-            rss = _rss_mb(proc.pid)
+            rss = rss_mb(proc.pid)
             peak = max(peak, rss)
             if rss > cap_mb:
                 killed = f"RSS {rss:.0f} MB above --memory_cap_gb={FLAGS.memory_cap_gb:g}"
@@ -215,7 +204,7 @@ def run_child(single, time_limit):
 def run_training():
     results = {}
     for model in (m for m in FLAGS.models if m):
-        # generous: tracing, XLA compilation and the estimate come on top of the rounds
+        # generous: tracing and XLA compilation come on top of the rounds
         limit = FLAGS.max_round_seconds * (FLAGS.rounds + 2) + 600
         result, failure = run_child(f"train,{model}", limit)
         line = result or {"model": model, **failure}

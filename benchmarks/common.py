@@ -62,3 +62,15 @@ def ntkdfl(cls=None, **options):
 def peak_rss_mb():
     """This process's peak resident memory so far (it only grows)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb(pid="self"):
+    """A process's resident memory now (Linux ``/proc``), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for row in f:
+                if row.startswith("VmRSS:"):
+                    return int(row.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

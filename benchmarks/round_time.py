@@ -14,13 +14,13 @@ the NTK-DFL round at ``--sweep_clients`` clients for each kappa and each samples
 """
 
 import json
-import resource
 import statistics
 
 import keras
 from absl import app, flags
 
 import ntkdfl_tf as nd
+from common import peak_rss_mb, rss_mb
 
 flags.DEFINE_list("clients", ["50", "100", "300"], "Client counts (empty: skip).")
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms (first is the numerator).")
@@ -41,16 +41,6 @@ flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_D
 FLAGS = flags.FLAGS
 
 
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb():
-    """This process's resident memory now (Linux), to show growth across rounds."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def make_algorithm(name, client_batch):
     if name == "ntk_dfl":
         return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
@@ -68,7 +58,7 @@ class _Traces(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.counts.append(sum(self.trainer.tracing_counts().values()))
-        self.rss.append(current_rss_mb())
+        self.rss.append(rss_mb())
 
 
 def time_rounds(name, clients, kappa, client_batch=None, **fields):

@@ -8,8 +8,8 @@ and writes
                           best-first, random and worst-first orders (validation ranks them)
   <logdir>/selection.png  the same as a figure, with the greedy choice and the uniform average
 
-and prints a one-line summary, then one JSON line: the greedy validation choice and its test accuracy against the
-uniform average of all present clients.
+and prints a one-line summary, then one JSON line: the greedy validation choice and its test
+accuracy against the uniform average of all present clients.
 """
 
 import json

@@ -151,13 +151,14 @@ def test_neighbour_average_is_mixing_product():
     np.testing.assert_allclose(out, ref, rtol=1e-5)
 
 
-def test_deal_slices_partitions_every_clients_samples(tiny):
+def test_slices_partition_every_clients_samples(tiny):
     """Jacobian batching: each real sample lands in exactly one slice, slices are balanced."""
-    from ntkdfl_tf.algorithms.ntkdfl import deal_slices
+    from ntkdfl_tf.algorithms.ntkdfl import slice_orders, slices_from_orders
     clients, _ = tiny
     trainer = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.NTKDFL(), nd.topology.Ring())
     tensors = trainer._client_tensors(clients)
-    parts = deal_slices(tensors, 4, np.random.default_rng(0))
+    orders = slice_orders(tensors.counts, int(tensors.mask.shape[1]), 4, np.random.default_rng(0))
+    parts = slices_from_orders(tensors, orders)
     counts = np.stack([p.counts for p in parts])  # [m, K]
     np.testing.assert_array_equal(counts.sum(0), clients.counts)
     assert (counts.max(0) - counts.min(0)).max() <= 1
@@ -245,7 +246,7 @@ def test_a_subset_of_clients_gathers_the_same_neighbourhoods_as_all_of_them():
     labels = np.eye(c, dtype=np.float32)[rng.integers(0, c, (k, n_max))] * mask[..., None]
     full = base.ClientTensors(tf.constant(rng.normal(size=(k, n_max, d)), tf.float32),
                               tf.constant(labels), tf.constant(mask), counts)
-    ids = np.array([1, 3, 4])
+    ids = np.array([4, 1, 3])  # any order: an actor holds its block, then its neighbours
     held = base.ClientTensors(*(tf.gather(t, ids) for t in (full.features, full.labels,
                                                             full.mask)), counts[ids], ids)
     orders = ntkdfl.slice_orders(counts, n_max, 2, rng)  # a deal of all six clients

@@ -18,7 +18,8 @@ class ClientTensors:
         labels: one-hot labels ``[K, n_max, C]``, zero on padding rows.
         mask: ``[K, n_max]`` float32, 1 for real samples.
         counts: real samples per client, NumPy int64 ``[K]``.
-        ids: which clients the rows are, sorted int64 ``[K]``; None for all clients in order.
+        ids: which clients the rows are (global ids, any order), int64 ``[K]``; None for all
+            clients in order.
             A remote executor gives each copy of the algorithm only the clients it needs.
     """
 
@@ -37,8 +38,10 @@ class ClientTensors:
         clients = np.asarray(clients)
         if self.ids is None:
             return clients
-        rows = np.searchsorted(self.ids, clients)
-        if not np.array_equal(self.ids[np.minimum(rows, len(self.ids) - 1)], clients):
+        order = np.argsort(self.ids)
+        found = np.minimum(np.searchsorted(self.ids, clients, sorter=order), len(order) - 1)
+        rows = order[found]
+        if not np.array_equal(self.ids[rows], clients):
             missing = np.setdiff1d(clients, self.ids)
             raise KeyError(f"clients {missing[:10].tolist()} are not held here; the executor "
                            "must send their data with the call (call_clients).")

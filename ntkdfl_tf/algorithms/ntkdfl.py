@@ -205,7 +205,8 @@ class NTKDFL(base.Algorithm):
         Args:
             weights: list of ``[B, *shape]`` tensors: each client's w_bar.
             index, valid: ``[B, S]`` neighbourhood slots (``topology.neighbourhoods``).
-            slices: list of ClientTensors (one without Jacobian batching, see ``deal_slices``).
+            slices: list of ClientTensors (one without Jacobian batching, see
+                ``slices_from_orders``).
             eta: grid step.
 
         Returns:
@@ -323,8 +324,8 @@ def slices_from_orders(clients, orders):
     """The slices (ClientTensors each) that ``slice_orders`` describes; ``[clients]`` for None."""
     if orders is None:
         return [clients]
-    if clients.ids is not None and orders.shape[1] != clients.num_clients:
-        orders = orders[:, clients.ids]  # a deal of all clients; these tensors hold some
+    if clients.ids is not None:  # orders deal every client; these tensors hold some
+        orders = orders[:, clients.ids]
     feats, labels, mask = (base.append_zero_row(t) for t in
                            (clients.features, clients.labels, clients.mask))
     parts = []
@@ -336,12 +337,6 @@ def slices_from_orders(clients, orders):
                                         part_mask.numpy().sum(1).astype(np.int64),
                                         clients.ids))
     return parts
-
-
-def deal_slices(clients, m, rng):
-    """``slices_from_orders(clients, slice_orders(...))``: the round's slices in one call."""
-    return slices_from_orders(clients, slice_orders(clients.counts, int(clients.mask.shape[1]),
-                                                    m, rng))
 
 
 def gather_neighbourhood(clients, index, valid):

@@ -45,7 +45,7 @@ class ClientShard:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
-        self.token, self.algorithm, self.own, self.held, self.extra = None, None, None, None, {}
+        self.token, self.algorithm, self.own_ids, self.clients = None, None, None, None
 
     def _build(self, setup):
         from ntkdfl_tf import functional
@@ -59,7 +59,7 @@ class ClientShard:
 
     def held_clients(self):
         """The clients whose data this actor holds now (its block and this round's reads)."""
-        return [] if self.held is None else self.held[0].tolist()
+        return [] if self.clients is None else sorted(self.clients.ids.tolist())
 
     def call(self, token, setup, method, shared, calls, own_ids, own_refs, read_ids, read_refs):
         import tensorflow as tf
@@ -67,26 +67,34 @@ class ClientShard:
         from ntkdfl_tf.algorithms import base
 
         if token != self.token:
-            self.algorithm, self.token, self.own, self.held = self._build(setup), token, None, None
-        if self.own is None or not np.array_equal(self.own[0], own_ids):
-            self.own = (np.asarray(own_ids), ray.get(list(own_refs)))  # once per fit
-            self.extra, self.held = {}, None
+            self.algorithm, self.token, self.own_ids = self._build(setup), token, None
+        if self.own_ids is None or not np.array_equal(self.own_ids, own_ids):
+            # this fit's block, stacked once and kept
+            self.own_ids, self.own = np.asarray(own_ids, np.int64), _stack(ray.get(own_refs))
+            self.extra, self.clients = {}, None
         # other clients' data: fetch what is new, drop what this map no longer reads
         new = [i for i, c in enumerate(read_ids) if c not in self.extra]
-        fetched = ray.get([read_refs[i] for i in new]) if new else []
-        self.extra = {**{c: self.extra[c] for c in read_ids if c in self.extra},
-                      **{read_ids[i]: d for i, d in zip(new, fetched)}}
-        ids = np.concatenate([self.own[0], np.asarray(read_ids, np.int64)])
-        if self.held is None or not np.array_equal(self.held[0], np.sort(ids)):
-            data = self.own[1] + [self.extra[c] for c in read_ids]
-            order = np.argsort(ids)
-            stack = [np.stack([data[i][f] for i in order]) for f in range(3)]
-            clients = base.ClientTensors(*(tf.constant(t) for t in stack),
-                                         np.asarray([data[i][3] for i in order]), ids[order])
-            self.algorithm.init(self.fns, None, clients)
-            self.held = (ids[order], clients)
+        fetched = dict(zip((read_ids[i] for i in new), ray.get([read_refs[i] for i in new])))
+        self.extra = {c: self.extra[c] if c in self.extra else fetched[c] for c in read_ids}
+        ids = np.concatenate([self.own_ids, np.asarray(read_ids, np.int64)])
+        if self.clients is None or not np.array_equal(self.clients.ids, ids):
+            fields = self.own
+            if read_ids:
+                extra = _stack([self.extra[c] for c in read_ids])
+                fields = [tf.concat([o, e], 0) for o, e in zip(self.own[:3], extra[:3])] + [
+                    np.concatenate([self.own[3], extra[3]])]
+            self.clients = base.ClientTensors(*fields, ids)
+            self.algorithm.init(self.fns, None, self.clients)
         fn = getattr(self.algorithm, method)
         return [fn(*shared, *c) for c in calls]
+
+
+def _stack(data):
+    """Per-client ``(features, labels, mask, count)`` objects -> three tensors and counts."""
+    import tensorflow as tf
+
+    return [tf.constant(np.stack([d[f] for d in data])) for f in range(3)] + [
+        np.array([d[3] for d in data], np.int64)]
 
 
 class RayExecutor:
@@ -154,8 +162,7 @@ class RayExecutor:
         An algorithm without ``call_clients`` reads every client's data on every actor.
         """
         everyone = np.arange(len(self._client_refs), dtype=np.int64)
-        found = [getattr(self._algorithm, "call_clients", lambda *_: None)(method, c)
-                 for c in calls]
+        found = [self._algorithm.call_clients(method, c) for c in calls]
         if any(f is None for f in found):
             return everyone, everyone
         members, reads = zip(*found)
