@@ -5,7 +5,6 @@ module is imported as ``common`` from the script's own folder. TensorFlow is imp
 needed: cnn.py's watching process never loads it.
 """
 
-import functools
 import resource
 
 from absl import flags
@@ -41,22 +40,24 @@ def load_partition():
     return clients, test
 
 
-def ntkdfl(cls=None, **options):
-    """NTK-DFL (``cls``: a subclass) with the flags' settings; ``options`` add or override."""
-    import ntkdfl_tf as nd
+def setting_config(**fields):
+    """An ``experiment.Config`` with the flags' NTK-DFL settings; ``fields`` add or override."""
     from ntkdfl_tf import experiment
 
-    cls = cls or nd.algorithms.NTKDFL
     f = flags.FLAGS
     settings = dict(jacobian_batches=f.jacobian_batches, client_batch=f.client_batch,
-                    jit_compile=f.jit_compile, substep_rule=f.substep_rule)
+                    jit_compile=f.jit_compile, substep_rule=f.substep_rule,
+                    learning_rate=f.learning_rate, lr_decay=f.lr_decay, seed=f.seed)
     if f.taus:
         settings["taus"] = tuple(int(t) for t in f.taus)
-    settings["learning_rate"] = f.learning_rate
-    if f.lr_decay:
-        settings["learning_rate"] = functools.partial(experiment.decayed_learning_rate,
-                                                      f.learning_rate, f.lr_decay)
-    return cls(**{**settings, **options})
+    return experiment.Config(**{**settings, **fields})
+
+
+def ntkdfl(**options):
+    """NTK-DFL with the flags' settings, built as the launchers build it; ``options`` override."""
+    from ntkdfl_tf import experiment
+
+    return experiment.make_algorithm(setting_config(), **options)
 
 
 def peak_rss_mb():

@@ -21,6 +21,7 @@ from absl import app, flags
 
 import ntkdfl_tf as nd
 from common import peak_rss_mb, rss_mb
+from ntkdfl_tf import experiment
 
 flags.DEFINE_list("clients", ["50", "100", "300"], "Client counts (empty: skip).")
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms (first is the numerator).")
@@ -42,13 +43,13 @@ FLAGS = flags.FLAGS
 
 
 def make_algorithm(name, client_batch):
-    if name == "ntk_dfl":
-        return nd.algorithms.NTKDFL(jacobian_batches=FLAGS.jacobian_batches,
-                                    client_batch=client_batch, jit_compile=FLAGS.jit_compile,
-                                    **({"taus": tuple(int(t) for t in FLAGS.taus)}
-                                       if FLAGS.taus else {}),
-                                    substep_rule=FLAGS.substep_rule)
-    return nd.algorithms.get(name, local_epochs=FLAGS.local_epochs)
+    """The algorithm as the launchers build it (``experiment.make_algorithm``)."""
+    fields = dict(algorithm=name, jacobian_batches=FLAGS.jacobian_batches,
+                  client_batch=client_batch, jit_compile=FLAGS.jit_compile,
+                  substep_rule=FLAGS.substep_rule, local_epochs=FLAGS.local_epochs)
+    if FLAGS.taus:
+        fields["taus"] = tuple(int(t) for t in FLAGS.taus)
+    return experiment.make_algorithm(experiment.Config(**fields))
 
 
 class _Traces(keras.callbacks.Callback):

@@ -23,14 +23,14 @@ and prints one JSON line:
     euler_substeps         per round, mean Euler sub-steps per grid step (``substep_rule``)
     flow_fallbacks         per round, slices whose adaptive flow was redone with the bound step
 
-How the kernel time is measured (directly, not modelled): NTK-DFL evaluates the kernel once per
-slice and client group, eagerly from Python in ``evolve``. After ``init``, the benchmark wraps
-``algorithm._kernel`` with a timer of its eager calls. Eager TensorFlow on CPU runs
-synchronously; each timed call also fetches one element of its result to be sure. The wrapped
-attribute is private to ``ntkdfl_tf.algorithms.NTKDFL``: if it is renamed this benchmark fails
-loudly instead of reporting zero.
+How the kernel time is measured (directly, not modelled): NTK-DFL's worker evaluates the
+kernel once per slice and client group, eagerly from Python in ``run``. The benchmark's
+algorithm builds its worker as NTK-DFL does, then wraps the worker's ``kernel`` with a timer of
+its eager calls. Eager TensorFlow on CPU runs synchronously; each timed call also fetches one
+element of its result to be sure.
 """
 
+import dataclasses
 import functools
 import json
 import statistics
@@ -69,37 +69,39 @@ class _Timed:
         return out
 
 
+_KERNELS = []  # the timed kernel of every worker built, newest last
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TimedNTKDFL(nd.algorithms.NTKDFL):
-    """NTK-DFL whose kernel evaluations are timed (see the module docstring)."""
+    """NTK-DFL whose worker's kernel evaluations are timed (see the module docstring)."""
 
-    def init(self, fns, weights, clients):
-        state = super().init(fns, weights, clients)
-        if not isinstance(self._kernel, _Timed):  # init after a rebuild: wrap the new object
-            self._kernel = _Timed(self._kernel)
-        return state
-
-    def timers(self):
-        return self._kernel.seconds, self._kernel.calls
+    def make_worker(self, fns):
+        worker = super().make_worker(fns)
+        worker.kernel = _Timed(worker.kernel)
+        _KERNELS.append(worker.kernel)
+        return worker
 
 
 class _PerRound(keras.callbacks.Callback):
     """Cumulative kernel timers at the end of every round."""
 
-    def __init__(self, algorithm):
+    def __init__(self):
         super().__init__()
-        self.algorithm, self.snapshots = algorithm, [(0.0, 0)]
+        self.snapshots = [(0.0, 0)]
 
     def on_epoch_end(self, epoch, logs=None):
-        self.snapshots.append(self.algorithm.timers())
+        self.snapshots.append((_KERNELS[-1].seconds, _KERNELS[-1].calls))
 
 
 def run_width(width, clients, test):
-    algorithm = common.ntkdfl(TimedNTKDFL)
+    base = common.ntkdfl()
+    algorithm = TimedNTKDFL(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     trainer = nd.DecentralizedTrainer(functools.partial(nd.models.mlp, hidden=(width,)),
                                       algorithm, nd.topology.RandomGraph(FLAGS.num_neighbors),
                                       seed=FLAGS.seed)
     rss_before = peak_rss_mb()
-    per_round = _PerRound(algorithm)
+    per_round = _PerRound()
     history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0, callbacks=[per_round])
     times = history.history["round_seconds"]
     snaps = np.diff(np.array(per_round.snapshots), axis=0)  # per round: kernel s, calls
@@ -110,7 +112,7 @@ def run_width(width, clients, test):
         "width": width, "params": trainer.fns.num_params, "clients": clients.num_clients,
         "rounds": len(times), "kappa": FLAGS.num_neighbors,
         "samples_per_client": FLAGS.samples_per_client,
-        "kernel_call_shape": list(algorithm._kernel.shape or ()),
+        "kernel_call_shape": list(_KERNELS[-1].shape or ()),
         "round_seconds_median": round(statistics.median(times[timed]), 3),
         "round_seconds": [round(t, 3) for t in times],
         "kernel_seconds_median": round(float(np.median(kernel[timed])), 3),

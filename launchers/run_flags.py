@@ -27,7 +27,8 @@ _HELP = {
     "taus": "NTK-DFL candidate evolution times, in grid steps.", "loss": "cross_entropy or mse.",
     "kernel": "auto (dense for Dense stacks, else explicit), dense, explicit or matrix_free.",
     "per_round_averaging": "Neighbour averaging each round (off: the paper's ablation).",
-    "order": "synchronous or sequential.",
+    "packages": "NTK-DFL Jacobian packages: lazy (evaluated from the senders' samples, no J "
+                "formed) or explicit (J, logits and labels formed as arrays per slice).",
     "jacobian_batches": "NTK-DFL Jacobian batching m: evolve slice after slice (1: off).",
     "client_batch": "NTK-DFL clients evolved in one TensorFlow call (with jacobian_batches > 1 "
                     "and jit_compile, 30-60 is fastest on CPU).",
@@ -41,7 +42,8 @@ _HELP = {
     "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines: local epochs.",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",
     "dropout": "Probability that a client sits out a round (neither sends nor updates).",
-    "message_loss": "Probability that a directed message is lost in a round.",
+    "message_loss": "Probability that a directed link fails in a round (the channel loses "
+                    "every message over it).",
     "leave": "Clients that leave for good, as client:round pairs, e.g. 3:5,7:10.",
     "resume": "Continue from <logdir>/checkpoint.npz if it exists (--noresume: start afresh).",
     "executor": "local (this process) or ray (Ray actors; pip install 'ntkdfl_tf[ray]').",

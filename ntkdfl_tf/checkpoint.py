@@ -1,60 +1,264 @@
-"""One atomic file per save: the whole trainer state needed to continue a run bit for bit.
+"""Checkpoints: the whole trainer state needed to continue a run bit for bit.
 
-The file (NumPy ``.npz``) holds every client's weights, the algorithm's state (momentum buffers
-and the like, whatever ``Algorithm.init`` returns), the number of finished rounds, the root seed
-and the table of derived random streams. The streams are keyed by (root seed, stream, round),
-so the seed and the round fix every later draw (topology, sampling, failures) exactly.
+A checkpoint holds every client's weights, the algorithm's state (momentum buffers and the
+like, whatever ``Algorithm.init`` returns), the number of finished rounds, the root seed, the
+table of derived random streams and any other JSON-able entries of the state (a run's
+configuration, say). The streams are keyed by (root seed, stream, round), so the seed and the
+round fix every later draw (topology, sampling, failures) exactly.
 
-Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
-old file, so a run killed at any instant leaves either the previous or the new checkpoint.
+Files. ``<logdir>/checkpoint.npz`` is the newest checkpoint and ``checkpoint.prev.npz`` the one
+before it. A save writes the new file atomically (``ntkdfl_tf.io.atomic_path``: temporary
+file, fsync, rename), and just before the rename makes ``checkpoint.prev.npz`` a hard link to
+(or, where links are unsupported, a copy of) the file it replaces. ``checkpoint.npz`` is never
+missing once written, so a run killed at any instant leaves a complete newest checkpoint and,
+from the second round on, a previous one. ``load_latest`` falls back to the previous one when
+the newest is damaged (a copy cut short, bytes changed on disk). Deleting ``checkpoint.npz``
+starts afresh: the previous file is a backup of it, never resumed from on its own.
+
+Layout (format 2). A zip (stored, not compressed; ``np.load`` opens it) of ``meta.json``
+(``{"format", "num_weights", "num_algorithm_arrays", "state"}``, ``state`` being the JSON-able
+entries), ``weight_<i>.npy``, ``algorithm_<i>.npy``, and last ``sha256.txt``: the SHA-256 of
+every other member's name and bytes, in order. ``load`` reads every byte and checks the digest,
+so a truncated file or a flipped byte anywhere in the arrays or the metadata raises
+``CheckpointError`` naming the file. Format-1 files (one ``meta.npy``, no digest) are refused
+with the same error, which says how to start afresh.
 """
 
+import hashlib
 import json
 import os
-import tempfile
+import shutil
+import warnings
 import zipfile
 
 import numpy as np
 
 from ntkdfl_tf.errors import CheckpointError
+from ntkdfl_tf.io import atomic_open, atomic_path
 
-FORMAT = 1
+FORMAT = 2
+NAME = "checkpoint.npz"
+_ARRAYS = ("weights", "algorithm_state")
+_DIGEST = "sha256.txt"
+_FRESH = "delete it, or start afresh with --noresume"
 
 
-def save(path, state):
-    """Writes ``state`` (from ``DecentralizedTrainer.get_state``) to ``path`` atomically."""
-    arrays = {f"weight_{i}": w for i, w in enumerate(state["weights"])}
-    arrays.update({f"algorithm_{i}": a for i, a in enumerate(state["algorithm_state"])})
-    meta = {k: v for k, v in state.items() if k not in ("weights", "algorithm_state")}
-    meta.update(format=FORMAT, num_weights=len(state["weights"]),
-                num_algorithm_arrays=len(state["algorithm_state"]))
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=folder, prefix=".checkpoint.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def previous_path(path):
+    """The previous checkpoint kept next to ``path`` (``checkpoint.npz`` -> ``.prev.npz``)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+class _Hashing:
+    """A file wrapper that feeds every byte written or read through a running digest."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def read(self, size=-1):
+        data = self.f.read(size)
+        self.digest.update(data)
+        return data
+
+
+# -- save -------------------------------------------------------------------------------------
+def _meta_json(state):
+    """``meta.json``'s bytes; raises TypeError naming an entry JSON cannot hold."""
+    extra = {k: v for k, v in state.items() if k not in _ARRAYS}
+    for key, value in extra.items():
+        try:
+            json.dumps(value, default=_numpy_scalar)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"The state entry {key!r} cannot be stored in a checkpoint ({e}); "
+                            "keep extra entries to JSON types (dict, list, str, number, bool, "
+                            "None).") from e
+    meta = {"format": FORMAT, "num_weights": len(state["weights"]),
+            "num_algorithm_arrays": len(state["algorithm_state"]), "state": extra}
+    return json.dumps(meta, default=_numpy_scalar).encode()
+
+
+def _numpy_scalar(value):
+    """JSON fallback: NumPy scalars (np.int64 and the like) become Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _members(state):
+    """``(name, bytes or array)`` pairs in file order; checks every entry first.
+
+    Raises:
+        TypeError: a non-array entry cannot be stored as JSON.
+        ValueError: an array holds Python objects.
+    """
+    members = [("meta.json", _meta_json(state))]
+    for prefix, key in (("weight", "weights"), ("algorithm", "algorithm_state")):
+        for i, array in enumerate(state[key]):
+            array = np.asarray(array)
+            if array.dtype.hasobject:  # would need pickling, which load refuses (unsafe)
+                raise ValueError(f"state[{key!r}][{i}] holds Python objects (dtype object); "
+                                 "checkpoints store numeric arrays only.")
+            members.append((f"{prefix}_{i}.npy", array))
+    return members
+
+
+def _keep_previous(path):
+    """Makes ``previous_path(path)`` the checkpoint now at ``path`` (if any), atomically."""
+    if not os.path.exists(path):
+        return
+    with atomic_path(previous_path(path), suffix=".npz.tmp") as tmp:
+        os.remove(tmp)  # os.link wants a free name
+        try:
+            os.link(path, tmp)  # no bytes copied: the old file lives on under the new name
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, tmp)
+
+
+def save(path, state, keep_previous=True):
+    """Writes ``state`` (from ``DecentralizedTrainer.get_state``) to ``path`` atomically.
+
+    Args:
+        path: the checkpoint file, normally ``<logdir>/checkpoint.npz``.
+        state: a dict with ``weights`` and ``algorithm_state`` (lists of arrays) and any other
+            JSON-able entries (NumPy scalars are stored as Python numbers; tuples come back as
+            lists).
+        keep_previous: keep the checkpoint this save replaces as ``previous_path(path)``; pass
+            False when that file is damaged or of another run, so it does not become the
+            fallback.
+
+    Raises:
+        TypeError: an entry other than the arrays cannot be stored as JSON.
+        ValueError: an array holds Python objects (it would need pickling).
+    """
+    members = _members(state)  # checks every entry before anything is touched
+    digest = hashlib.sha256()
+    with atomic_open(path, "wb", suffix=".npz.tmp") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, value in members:
+                digest.update(name.encode())
+                with z.open(name, "w", force_zip64=True) as member:
+                    out = _Hashing(member, digest)
+                    if isinstance(value, bytes):
+                        out.write(value)
+                    else:
+                        np.lib.format.write_array(out, value, allow_pickle=False)
+            z.writestr(_DIGEST, digest.hexdigest())
+        if keep_previous:  # the new file is complete: only now let the old one become previous
+            _keep_previous(path)
+
+
+# -- load -------------------------------------------------------------------------------------
+def _read_members(z):
+    """``{name: bytes or array}`` of every member before the digest; checks the digest.
+
+    Raises:
+        ValueError: the digest is missing or does not match.
+    """
+    names = z.namelist()
+    if _DIGEST not in names:
+        raise ValueError(f"no {_DIGEST} entry")
+    digest, members = hashlib.sha256(), {}
+    for name in names[:names.index(_DIGEST)]:
+        digest.update(name.encode())
+        with z.open(name) as raw:
+            f = _Hashing(raw, digest)
+            if name.endswith(".npy"):
+                members[name] = np.lib.format.read_array(f, allow_pickle=False)
+                f.read()  # the rest, if any: every byte counts in the digest and zip CRC
+            else:
+                members[name] = f.read()
+    if z.read(_DIGEST).decode("ascii") != digest.hexdigest():
+        raise ValueError("its SHA-256 does not match the content")
+    return members
+
+
+def _old_format(z):
+    """The format number of a format-1 file (``meta.npy``, no digest), else None."""
+    if "meta.npy" not in z.namelist() or _DIGEST in z.namelist():
+        return None
+    with z.open("meta.npy") as f:
+        meta = json.loads(np.lib.format.read_array(f, allow_pickle=False).tobytes().decode())
+    return meta.get("format", 1)
 
 
 def load(path):
-    """Reads a checkpoint written by ``save``; raises CheckpointError if it is unreadable."""
+    """Reads and verifies a checkpoint written by ``save``.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The state dict given to ``save`` (JSON entries as JSON gives them back).
+
+    Raises:
+        CheckpointError: the file is missing, cut short, changed on disk (digest or zip CRC
+            mismatch, unreadable entries) or of another format; the message names the file.
+    """
     try:
-        with np.load(path) as z:
-            meta = json.loads(z["meta"].tobytes().decode())
-            weights = [z[f"weight_{i}"] for i in range(meta["num_weights"])]
-            algorithm_state = [z[f"algorithm_{i}"] for i in range(meta["num_algorithm_arrays"])]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"Cannot read the checkpoint {path!r} ({e}); delete it to start "
-                              "afresh.") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r} has checkpoint format {meta.get('format')}, this "
-                              f"version reads {FORMAT}; delete it to start afresh.")
-    meta.pop("format"), meta.pop("num_weights"), meta.pop("num_algorithm_arrays")
-    return dict(meta, weights=weights, algorithm_state=algorithm_state)
+        with zipfile.ZipFile(path) as z:
+            old = _old_format(z)
+            if old is None:
+                members = _read_members(z)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"No checkpoint at {path}.") from e
+    except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged file
+        raise CheckpointError(f"The checkpoint {path} is damaged or incomplete "
+                              f"({type(e).__name__}: {e}); {_FRESH}.") from e
+    if old is not None:
+        raise CheckpointError(f"{path} has checkpoint format {old}, this version reads "
+                              f"{FORMAT}; {_FRESH}.")
+    return _unpack(path, members)
+
+
+def _unpack(path, members):
+    """The state dict from members whose digest matched."""
+    try:
+        meta = json.loads(members["meta.json"].decode())
+        fmt = meta.get("format")
+        if fmt == FORMAT:
+            weights = [members[f"weight_{i}.npy"] for i in range(meta["num_weights"])]
+            algorithm = [members[f"algorithm_{i}.npy"]
+                         for i in range(meta["num_algorithm_arrays"])]
+            return dict(meta["state"], weights=weights, algorithm_state=algorithm)
+    except (KeyError, ValueError) as e:  # a file written by something other than save()
+        raise CheckpointError(f"The checkpoint {path} lacks or garbles the entry {e}; "
+                              f"{_FRESH}.") from e
+    raise CheckpointError(f"{path} has checkpoint format {fmt}, this version reads {FORMAT}; "
+                          f"{_FRESH}.")
+
+
+def load_latest(directory):
+    """The newest readable checkpoint in ``directory``, falling back to the previous one.
+
+    Only a damaged ``checkpoint.npz`` makes it use ``checkpoint.prev.npz`` (with a warning
+    naming the skipped file); without ``checkpoint.npz`` there is nothing to resume.
+
+    Args:
+        directory: the run's folder (``RoundCheckpoint``'s directory).
+
+    Returns:
+        ``(path, state)`` of the checkpoint read, or None when ``checkpoint.npz`` is absent.
+
+    Raises:
+        CheckpointError: both files are unreadable (or the previous one is missing); the
+            message names both.
+    """
+    path = os.path.join(directory, NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        return path, load(path)
+    except CheckpointError as newest:
+        previous = previous_path(path)
+        try:
+            state = load(previous)
+        except CheckpointError as e:
+            raise CheckpointError(f"No readable checkpoint in {directory}. {newest} {e} Delete "
+                                  f"{path} to start afresh, or pass --noresume.") from newest
+        warnings.warn(f"{path} is damaged ({newest}); resuming from the previous checkpoint "
+                      f"{previous} (round {state['round']}).", stacklevel=2)
+        return previous, state

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from ntkdfl_tf import data, experiment
+from ntkdfl_tf.io import atomic_open
 
 SUMMARY_FIELDS = ("run", "algorithm", "partition", "alpha", "num_neighbors", "topology",
                   "dropout", "per_round_averaging",
@@ -84,12 +85,20 @@ def summarise(name, cfg, history, seconds, target):
 
 
 def write_summary(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    """Writes the summary table (columns ``SUMMARY_FIELDS``, one row per run) atomically.
+
+    Args:
+        path: the .csv to write.
+        rows: dicts keyed by names in ``SUMMARY_FIELDS`` (missing ones are left empty).
+
+    Raises:
+        ValueError: a row has a key outside ``SUMMARY_FIELDS``; the old file is kept.
+    """
+
+    with atomic_open(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot(logdir, histories, rows=()):

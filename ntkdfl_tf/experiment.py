@@ -13,7 +13,7 @@ import time
 
 import keras
 
-from ntkdfl_tf import algorithms, callbacks, data, models, topology
+from ntkdfl_tf import algorithms, callbacks, data, models, protocol, topology
 from ntkdfl_tf import faults as faults_lib
 from ntkdfl_tf.trainer import DecentralizedTrainer, stream_rng
 
@@ -41,7 +41,7 @@ class Config:
     loss: str = "cross_entropy"
     kernel: str = "auto"
     per_round_averaging: bool = True
-    order: str = "synchronous"
+    packages: str = "lazy"
     jacobian_batches: int = 1
     client_batch: int = 1
     jacobian_chunk: int = 128
@@ -53,7 +53,7 @@ class Config:
     local_epochs: int = None
     momentum: float = None
     sam_rho: float = None
-    # failures (ntkdfl_tf.Faults), drawn from their own seeded stream
+    # failures (ntkdfl_tf.Faults) and lost messages (the channel), each from its own stream
     dropout: float = 0.0
     message_loss: float = 0.0
     leave: str = ""  # client:round pairs, e.g. "3:5,7:10"
@@ -100,17 +100,18 @@ def make_topology(cfg):
                      f"{', '.join(topology.TOPOLOGIES)}.")
 
 
-def make_algorithm(cfg):
+def make_algorithm(cfg, **overrides):
+    """The algorithm ``cfg`` describes; ``overrides`` replace NTK-DFL settings (benchmarks)."""
     lr = cfg.learning_rate
     if cfg.lr_decay:
         lr = functools.partial(decayed_learning_rate, cfg.learning_rate, cfg.lr_decay)
     if cfg.algorithm == "ntk_dfl":
-        return algorithms.NTKDFL(learning_rate=lr, taus=cfg.taus, loss=cfg.loss,
-                                 kernel=cfg.kernel, per_round_averaging=cfg.per_round_averaging,
-                                 order=cfg.order, jacobian_batches=cfg.jacobian_batches,
-                                 client_batch=cfg.client_batch, jit_compile=cfg.jit_compile,
-                                 substep_rule=cfg.substep_rule,
-                                 jacobian_chunk=cfg.jacobian_chunk)
+        settings = dict(learning_rate=lr, taus=cfg.taus, loss=cfg.loss, kernel=cfg.kernel,
+                        per_round_averaging=cfg.per_round_averaging, packages=cfg.packages,
+                        jacobian_batches=cfg.jacobian_batches, client_batch=cfg.client_batch,
+                        jit_compile=cfg.jit_compile, substep_rule=cfg.substep_rule,
+                        jacobian_chunk=cfg.jacobian_chunk)
+        return algorithms.NTKDFL(**{**settings, **overrides})
     local = {"learning_rate": cfg.local_learning_rate, "batch_size": cfg.batch_size,
              "local_epochs": cfg.local_epochs, "momentum": cfg.momentum, "sam_rho": cfg.sam_rho}
     return algorithms.get(cfg.algorithm, **{k: v for k, v in local.items() if v is not None})
@@ -124,9 +125,14 @@ def decayed_learning_rate(lr, decay, round_index):
 def make_faults(cfg):
     """The Faults of ``cfg``, or None when it injects none."""
     leave = faults_lib.Faults.parse_leave(cfg.leave)
-    if not (cfg.dropout or cfg.message_loss or leave):
+    if not (cfg.dropout or leave):
         return None
-    return faults_lib.Faults(cfg.dropout, cfg.message_loss, leave)
+    return faults_lib.Faults(cfg.dropout, leave)
+
+
+def make_channel(cfg):
+    """The channel between clients (``--message_loss``)."""
+    return protocol.Channel(message_loss=cfg.message_loss)
 
 
 def make_executor(cfg):
@@ -186,6 +192,7 @@ def validate(cfg):
     faults = make_faults(cfg)
     if faults is not None:
         faults.validate(cfg.num_clients)
+    make_channel(cfg)
     make_algorithm(cfg)
     make_model_fn(cfg)
     for folder in (cfg.logdir, cfg.save_dir):
@@ -215,7 +222,7 @@ def run(cfg, dataset=None):
     clients = partition(cfg, x_train, y_train)
     trainer = DecentralizedTrainer(make_model_fn(cfg), make_algorithm(cfg), make_topology(cfg),
                                    seed=cfg.seed, faults=make_faults(cfg),
-                                   executor=make_executor(cfg))
+                                   executor=make_executor(cfg), channel=make_channel(cfg))
     final = callbacks.FinalAggregation(cfg.save_dir, run_name)
     history_path = os.path.join(cfg.logdir, "history.csv")
     cbs = [callbacks.HistoryCSV(history_path),

@@ -1,9 +1,9 @@
-"""Client failures and lost messages, drawn from their own seeded stream.
+"""Client failures, drawn from their own seeded stream.
 
-``Faults`` turns each round's graph into the graph that actually worked: a dropped-out client
-neither sends nor updates that round (its neighbours average and build kernels without it), a
-client that left is gone for good (and out of the aggregate), and each directed message is
-lost with some probability (the receiver proceeds without the sender's weights and Jacobians).
+``Faults`` says who takes part in each round: a dropped-out client neither sends nor updates
+that round (its neighbours average and build kernels without it), and a client that left is
+gone for good (and out of the aggregate). Lost messages are the channel's
+(``ntkdfl_tf.protocol.Channel(message_loss=...)``).
 """
 
 import numpy as np
@@ -14,21 +14,24 @@ class Faults:
 
     Args:
         dropout: probability that a client sits out a round, independently per client and round.
-        message_loss: probability that a directed message j -> i is lost in a round.
         leave: ``{client: round}``: the client leaves permanently before that (0-based) round.
     """
 
-    def __init__(self, dropout=0.0, message_loss=0.0, leave=None):
-        for name, p in (("dropout", dropout), ("message_loss", message_loss)):
-            if not isinstance(p, (int, float, np.floating)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}.")
+    def __init__(self, dropout=0.0, leave=None):
+        if not isinstance(dropout, (int, float, np.floating)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}.")
         leave = dict(leave or {})
         for client, r in leave.items():
             if not isinstance(client, (int, np.integer)) or client < 0 or \
                     not isinstance(r, (int, np.integer)) or r < 0:
                 raise ValueError(f"leave maps client index -> round (non-negative integers), "
                                  f"got {client!r}: {r!r}.")
-        self.dropout, self.message_loss, self.leave = float(dropout), float(message_loss), leave
+        self.dropout, self.leave = float(dropout), leave
+
+    @property
+    def config(self):
+        """The settings (for checkpoint fingerprints)."""
+        return {"dropout": self.dropout, "leave": {str(c): r for c, r in sorted(self.leave.items())}}
 
     @classmethod
     def parse_leave(cls, text):
@@ -59,21 +62,9 @@ class Faults:
                 present[client] = False
         return present
 
-    def apply(self, adjacency, round_index, rng):
-        """The round's working graph and who takes part.
-
-        Returns:
-            ``(active, adjacency)``: boolean [K] of clients that update this round, and the
-            adjacency with every edge of an inactive client and every lost message removed
-            (row i = whom client i hears from, so it may be asymmetric).
-        """
-        k = len(adjacency)
-        active = self.present(k, round_index) & (rng.random(k) >= self.dropout)
-        kept = adjacency & active[:, None] & active[None, :]
-        if self.message_loss:
-            kept &= rng.random((k, k)) >= self.message_loss
-        return active, kept
+    def participants(self, num_clients, round_index, rng):
+        """Boolean [K]: clients that take part in (send and update in) this round."""
+        return self.present(num_clients, round_index) & (rng.random(num_clients) >= self.dropout)
 
     def __repr__(self):
-        return (f"Faults(dropout={self.dropout}, message_loss={self.message_loss}, "
-                f"leave={self.leave})")
+        return f"Faults(dropout={self.dropout}, leave={self.leave})"

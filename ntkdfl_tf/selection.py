@@ -7,22 +7,20 @@ offers that selection and the curves that judge it: test accuracy of the average
 k models against k, for the best-first, random and worst-first orders.
 
 Prefix averages come from cumulative sums over the client axis, and every averaged model is
-evaluated through the trainer's client-batched ``fns.forward`` (groups of ``trainer.eval_batch``
-models, 2,048 samples at a time). Clients that left the run (``Faults(leave=...)``) are never
+evaluated through the trainer's client-batched evaluation (``trainer.evaluate_models``). Clients that left the run (``Faults(leave=...)``) are never
 selected, ordered or averaged.
 """
 
 import csv
 import dataclasses
-import os
 import typing
 
 import numpy as np
-import tensorflow as tf
+
+from ntkdfl_tf.io import atomic_open
 
 SELECTIONS = ("all", "greedy_validation")
 ORDERS = ("best_first", "random", "worst_first")
-_CHUNK = 2048  # samples per forward pass
 
 
 class Selection(typing.NamedTuple):
@@ -42,12 +40,7 @@ def _check_trainer(trainer):
 def _prepare(trainer, x, y, what):
     """Checks ``(x, y)`` and maps ``x`` through ``fns.features``; returns ``(feats, y)``."""
     _check_trainer(trainer)
-    if x is None or y is None or len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"The {what} data needs matching, non-empty x and y; got "
-                         f"{0 if x is None else len(x)} and {0 if y is None else len(y)} samples.")
-    trainer._check_inputs(x, f"{what} inputs")
-    trainer._check_labels(y, f"{what} labels")
-    return trainer.fns.features(x), np.asarray(y, np.int64)
+    return trainer.prepare_examples(x, y, what)
 
 
 def _check_clients(trainer, clients, what="order"):
@@ -73,17 +66,7 @@ def _check_clients(trainer, clients, what="order"):
 # -- evaluation --------------------------------------------------------------------------------
 def _accuracies(trainer, weights, feats, y):
     """Accuracy of each of B models (weights stacked ``[B, *shape]``) on prepared data."""
-    b, n = int(weights[0].shape[0]), len(y)
-    group = max(1, min(trainer.eval_batch, b))
-    y = tf.constant(y)
-    correct = np.zeros(b, np.int64)
-    for start in range(0, b, group):
-        w = [tf.constant(v[start:start + group]) for v in weights]
-        for i in range(0, n, _CHUNK):
-            logits = trainer.fns.forward(w, feats[i:i + _CHUNK])  # [group, chunk, C]
-            hits = tf.equal(tf.argmax(logits, -1), y[None, i:i + _CHUNK])
-            correct[start:start + group] += tf.reduce_sum(tf.cast(hits, tf.int64), -1).numpy()
-    return correct / n
+    return trainer.evaluate_models(weights, feats, y)[0]
 
 
 def model_accuracies(trainer, weights, x, y):
@@ -383,15 +366,14 @@ def write_csv(path, report):
     Returns:
         ``path``.
     """
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+
+    with atomic_open(path, "w") as f:
         writer = csv.writer(f)
         writer.writerow(["num_models", *ORDERS, "best_first_validation", "greedy_selected"])
         for k in range(len(report.validation_curve)):
             writer.writerow([k + 1, *(f"{report.test_curves[o][k]:.6f}" for o in ORDERS),
                              f"{report.validation_curve[k]:.6f}",
                              int(k + 1 == report.selection.count)])
-    os.replace(tmp, path)
     return path
 
 

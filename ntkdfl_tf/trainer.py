@@ -1,5 +1,7 @@
 """DecentralizedTrainer: the fit loop. One communication round is one Keras epoch."""
 
+import hashlib
+import json
 import time
 import warnings
 
@@ -7,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ntkdfl_tf import executors, functional
+from ntkdfl_tf import executors, functional, protocol
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.data.client_data import ClientData
 from ntkdfl_tf.errors import CheckpointError, DivergenceError
@@ -15,12 +17,27 @@ from ntkdfl_tf.faults import Faults
 
 # Derived random streams: each is keyed by (root seed, stream, round), so a stream's draws do
 # not depend on how many draws another stream made, and a resumed run needs only the seed.
-STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 4}
+EVAL_CHUNK = 2048  # test samples per forward pass
+DIVERGED_WEIGHT = 1e12  # a float32 weight this large means the run has blown up
+STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 4, "channel": 5}
 
 
 def stream_rng(seed, stream, round_index=0):
     """The NumPy generator of ``stream`` at ``round_index`` under root ``seed``."""
     return np.random.default_rng([int(seed), STREAMS[stream], int(round_index)])
+
+
+def _jsonable(value):
+    """``value`` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def data_fingerprint(clients):
+    """A short digest of the client data (samples, labels and their split over clients)."""
+    digest = hashlib.sha256()
+    for array in (clients.counts, clients.y, clients.x):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def client_weight_spread(weights):
@@ -40,16 +57,19 @@ class DecentralizedTrainer:
         model_fn: function returning a fresh, built ``keras.Model`` that outputs logits.
         algorithm: an ``ntkdfl_tf.algorithms`` object, e.g. ``NTKDFL()``.
         topology: an ``ntkdfl_tf.topology`` object, e.g. ``RandomGraph(num_neighbors=5)``.
-        seed: root seed; init, topology, sampling and failures use streams derived from it.
+        seed: root seed; init, topology, sampling, failures and the channel use streams derived
+            from it.
         eval_batch: clients evaluated together on the validation data.
-        faults: an ``ntkdfl_tf.Faults`` (client dropout, departures, lost messages) or None.
+        faults: an ``ntkdfl_tf.Faults`` (client dropout, departures) or None.
+        channel: an ``ntkdfl_tf.protocol.Channel``, where messages are delivered (and lost:
+            ``Channel(message_loss=0.1)``); None for the default, which delivers everything.
         executor: where per-client work runs: ``"local"`` (this process), ``"ray"`` (Ray
             actors on a local instance) or an executor object such as
             ``ntkdfl_tf.executors.RayExecutor(num_actors=8, address="auto")``.
     """
 
     def __init__(self, model_fn, algorithm, topology, seed=0, eval_batch=16, faults=None,
-                 executor="local"):
+                 executor="local", channel=None):
         if not callable(model_fn):
             raise TypeError(f"model_fn must be a function returning a keras.Model, got {model_fn!r}.")
         if not isinstance(algorithm, base.Algorithm):
@@ -60,12 +80,13 @@ class DecentralizedTrainer:
             raise ValueError(f"eval_batch must be a positive integer, got {eval_batch!r}.")
         if faults is not None and not isinstance(faults, Faults):
             raise TypeError(f"faults must be an ntkdfl_tf.Faults or None, got {faults!r}.")
+        channel = protocol.Channel() if channel is None else channel
+        if not isinstance(channel, protocol.Channel):
+            raise TypeError(f"channel must be an ntkdfl_tf.protocol.Channel or None, got "
+                            f"{channel!r}.")
         self.algorithm, self.topology, self.seed = algorithm, topology, int(seed)
-        self.faults = faults
+        self.faults, self.channel = faults, channel
         self.executor = executors.make_executor(executor)
-        if self.executor.remote and getattr(algorithm, "order", None) == "sequential":
-            raise ValueError("order='sequential' updates clients one after another in place; "
-                             "it runs with executor='local' only (or use order='synchronous').")
         self.model_fn = model_fn
         self.eval_batch = int(eval_batch)
         keras.utils.set_random_seed(int(stream_rng(seed, "init").integers(2**31)))
@@ -78,7 +99,8 @@ class DecentralizedTrainer:
         self.fns = functional.ModelFunctions(model)
         self.initial_weights = self.fns.initial_weights()  # every client starts here
         self.client_weights = None  # list of [K, *shape] tensors once fit starts
-        self.state = None
+        self.state = None  # the algorithm's state (Algorithm.init_state), None if it has none
+        self._data_fingerprint = None
         self.round = 0
         self.last_client_accuracy = None
         # two shapes only (the aggregate, a client group): no relaxed trace, whose unknown
@@ -92,8 +114,8 @@ class DecentralizedTrainer:
         if not isinstance(clients, ClientData):
             raise TypeError("clients must be ClientData (from ntkdfl_tf.data partitioners) or a "
                             f"list of (x, y) pairs, got {type(clients).__name__}.")
-        self._check_inputs(clients.x.reshape((-1,) + clients.x.shape[2:]), "client data")
-        self._check_labels(clients.y, "client labels", ndim=2)
+        self.check_inputs(clients.x.reshape((-1,) + clients.x.shape[2:]), "client data")
+        self.check_labels(clients.y, "client labels", ndim=2)
         c = self.fns.num_classes
         k, n_max = clients.y.shape
         flat = clients.x.reshape((k * n_max,) + clients.x.shape[2:])
@@ -102,9 +124,11 @@ class DecentralizedTrainer:
         feats = tf.reshape(feats, [k, n_max] + feats.shape[1:].as_list())
         mask = tf.constant(clients.mask)
         labels = tf.one_hot(clients.y, c) * mask[..., None]
+        self._data_fingerprint = data_fingerprint(clients)
         return base.ClientTensors(feats, labels, mask, clients.counts)
 
-    def _check_inputs(self, x, what):
+    def check_inputs(self, x, what):
+        """Raises ValueError unless ``x`` has the model's per-sample shape and is finite."""
         expected = tuple(self.model.input_shape[1:])
         got = tuple(np.shape(x)[1:])
         if got != expected:
@@ -113,7 +137,7 @@ class DecentralizedTrainer:
         if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all():
             raise ValueError(f"The {what} contain NaN or inf; clean the data first.")
 
-    def _check_labels(self, y, what, ndim=1):
+    def check_labels(self, y, what, ndim=1):
         """Integer class ids in [0, C): shape (n,), or (clients, n_max) for padded client data."""
         y = np.asarray(y)
         c = self.fns.num_classes
@@ -157,19 +181,17 @@ class DecentralizedTrainer:
             if len(x_val) == 0 or len(x_val) != len(y_val):
                 raise ValueError(f"validation_data needs matching, non-empty x and y; got "
                                  f"{len(x_val)} and {len(y_val)} samples.")
-            self._check_inputs(x_val, "validation inputs")
-            self._check_labels(y_val, "validation labels")
+            self.check_inputs(x_val, "validation inputs")
+            self.check_labels(y_val, "validation labels")
             val = (self.fns.features(x_val), tf.constant(np.asarray(y_val), tf.int64))
         self.last_client_accuracy = None
         if self.client_weights is None or int(self.client_weights[0].shape[0]) != k:
             self.client_weights = [tf.constant(np.repeat(w[None], k, axis=0))
                                    for w in self.initial_weights]
-            self.state = self.algorithm.init(self.fns, self.client_weights, tensors)
+            self.state = self.algorithm.init_state(self.fns, k)
             self.round = 0
-        else:
-            self.algorithm.init(self.fns, self.client_weights, tensors)
 
-        self.executor.start(self.model_fn, self.algorithm, tensors)
+        self.executor.start(self.algorithm, tensors, fns=self.fns, model_fn=self.model_fn)
         for cb in callbacks or []:
             if hasattr(cb, "set_trainer"):
                 cb.set_trainer(self)
@@ -193,19 +215,21 @@ class DecentralizedTrainer:
             cb_list.on_epoch_begin(r)
             cb_list.on_train_batch_begin(0)
             t0 = time.perf_counter()
-            adjacency = self.topology.draw(k, stream_rng(self.seed, "topology", r))
+            graph = self.topology.draw(k, stream_rng(self.seed, "topology", r))
             active = None
             if self.faults is not None:
-                active, adjacency = self.faults.apply(
-                    adjacency, r, stream_rng(self.seed, "failures", r))
+                active = self.faults.participants(k, r, stream_rng(self.seed, "failures", r))
+                graph = graph & active[:, None] & active[None, :]
+            channel = self.channel.round(k, stream_rng(self.seed, "channel", r))
             weights, state, logs = self.algorithm.run_round(
-                self.state, self.client_weights, adjacency, r, self.fns, tensors,
-                stream_rng(self.seed, "sampling", r), self.executor)
+                base.RoundInput(r, self.client_weights, graph, tensors.counts,
+                                int(tensors.mask.shape[1]), stream_rng(self.seed, "sampling", r),
+                                self.state, self.fns), channel, self.executor)
             if active is not None:  # clients that sat out keep their weights
                 keep = tf.constant(active)
                 weights = [tf.where(tf.reshape(keep, [-1] + [1] * (w.shape.rank - 1)), w, old)
                            for w, old in zip(weights, self.client_weights)]
-            logs = dict(logs)
+            logs = dict(logs, bytes_sent=float(channel.bytes_delivered))
             self._check_finite(weights, logs, r)
             self.client_weights, self.state = weights, state
             logs["round_seconds"] = time.perf_counter() - t0
@@ -225,16 +249,20 @@ class DecentralizedTrainer:
         return self.model.history
 
     def _check_finite(self, weights, logs, r):
-        """Raises DivergenceError naming the round and clients if anything is NaN or inf."""
+        """Raises DivergenceError naming the round and clients if anything is NaN or inf, or a
+        weight's magnitude passed ``DIVERGED_WEIGHT`` (bounded gradients can carry weights to
+        1e30 without ever producing NaN)."""
         finite = np.ones(int(weights[0].shape[0]), bool)
         for w in weights:
-            finite &= tf.reduce_all(tf.math.is_finite(tf.reshape(w, [w.shape[0], -1])),
-                                    axis=1).numpy()
+            flat = tf.reshape(w, [w.shape[0], -1])
+            finite &= tf.reduce_all(tf.math.is_finite(flat), axis=1).numpy()
+            finite &= tf.reduce_max(tf.abs(flat), axis=1).numpy() <= DIVERGED_WEIGHT
         bad_logs = [k for k, v in logs.items() if not np.isfinite(v)]
         if finite.all() and not bad_logs:
             return
         bad = np.flatnonzero(~finite).tolist()
-        what = (f"client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} have NaN/inf weights"
+        what = (f"client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} have NaN/inf weights "
+                f"or weights beyond {DIVERGED_WEIGHT:g}"
                 if bad else f"the round's {', '.join(bad_logs)} is NaN/inf")
         raise DivergenceError(
             f"{self.algorithm.name} diverged in round {r + 1}: {what}. Nothing of this round was "
@@ -242,6 +270,25 @@ class DecentralizedTrainer:
             round=r + 1, clients=bad)
 
     # -- state --------------------------------------------------------------------------------
+    def configuration(self):
+        """The run's configuration as a flat ``{"section.field": value}`` dict (JSON-able).
+
+        Covers the algorithm, topology, faults, channel, model shapes and a fingerprint of the
+        client data (partition); a checkpoint of a run with any other value is refused.
+        """
+        def section(name, obj):
+            if obj is None:
+                return {name: None}
+            values = obj.config if hasattr(obj, "config") else dict(vars(obj), name=type(obj).__name__)
+            return {f"{name}.{k}": v for k, v in base.describe(values).items()}
+
+        config = {"seed": self.seed, "model.shapes": [list(s) for s in self.fns.shapes],
+                  "data": self._data_fingerprint}
+        for name, obj in (("algorithm", self.algorithm), ("topology", self.topology),
+                          ("faults", self.faults), ("channel", self.channel)):
+            config.update(section(name, obj))
+        return config
+
     def get_state(self):
         """Everything needed to continue this run exactly (see ``ntkdfl_tf.checkpoint``)."""
         if self.client_weights is None:
@@ -249,34 +296,44 @@ class DecentralizedTrainer:
         return {"round": int(self.round), "seed": self.seed, "streams": STREAMS,
                 "algorithm": self.algorithm.name,
                 "num_clients": int(self.client_weights[0].shape[0]),
+                "config": self.configuration(),
                 "weights": [w.numpy() for w in self.client_weights],
-                "algorithm_state": [np.asarray(a) for a in tf.nest.flatten(self.state)]}
+                "algorithm_state": [np.asarray(a) for a in tf.nest.flatten(self.state)
+                                    if a is not None]}
 
     def set_state(self, state, source="the checkpoint"):
         """Restores ``get_state()`` output; the trainer must be in ``fit`` or after it.
 
         Raises:
-            CheckpointError: the state belongs to a run with another seed, algorithm, number
-                of clients or model.
+            CheckpointError: the state belongs to a run with another configuration (seed,
+                algorithm and its settings, topology, faults, channel, data, number of clients
+                or model); the message names the first differing field.
         """
-        k = int(self.client_weights[0].shape[0])
-        mine = {"seed": self.seed, "algorithm": self.algorithm.name, "num_clients": k,
-                "streams": STREAMS}
-        for key, value in mine.items():
-            if state[key] != value:
-                raise CheckpointError(
-                    f"{source} is of a run with {key}={state[key]!r}, this run has {value!r}; "
-                    "use another logdir, or --noresume to start afresh (overwriting it).")
+        basics = ("seed", "algorithm", "num_clients", "streams")
+        mine = _jsonable({"seed": self.seed, "algorithm": self.algorithm.name, "streams": STREAMS,
+                          "num_clients": int(self.client_weights[0].shape[0]),
+                          **self.configuration()})
+        theirs = {**{key: state.get(key) for key in basics}, **(state.get("config") or {})}
+        differing = [key for key in list(basics) + sorted(set(mine) | set(theirs))
+                     if mine.get(key) != theirs.get(key)]
+        if differing:
+            key = differing[0]
+            more = f" (and {len(differing) - 1} more differing fields)" if len(differing) > 1 else ""
+            raise CheckpointError(
+                f"{source} is of a run with {key}={theirs.get(key)!r}, this run has "
+                f"{mine.get(key)!r}{more}; use another logdir, or --noresume to start afresh "
+                "(overwriting it).")
         shapes = [tuple(w.shape) for w in self.client_weights]
         if [tuple(w.shape) for w in state["weights"]] != shapes:
             raise CheckpointError(f"{source} holds weights of another model (shapes "
                                   f"{[w.shape for w in state['weights']]}, this model {shapes}).")
-        structure = tf.nest.flatten(self.state)
+        structure = [a for a in tf.nest.flatten(self.state) if a is not None]
         if len(structure) != len(state["algorithm_state"]):
             raise CheckpointError(f"{source} holds another algorithm state layout.")
         self.client_weights = [tf.constant(w) for w in state["weights"]]
-        self.state = tf.nest.pack_sequence_as(
-            self.state, [tf.constant(a) for a in state["algorithm_state"]])
+        if structure:
+            self.state = tf.nest.pack_sequence_as(
+                self.state, [tf.constant(a) for a in state["algorithm_state"]])
         self.round = int(state["round"])
         self._set_model_to_aggregate()
 
@@ -308,11 +365,57 @@ class DecentralizedTrainer:
         return model
 
     def _eval_group(self, weights, feats, y):
+        """Correct predictions (exact: integer counts) and summed loss of B models: ``[B]``."""
         logits = self.fns.forward(weights, feats)  # [B, N, C]
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1), y[None]), tf.float32)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y[None]), tf.int64), -1)
         labels = tf.broadcast_to(tf.one_hot(y, self.fns.num_classes)[None], tf.shape(logits))
         loss = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
-        return tf.reduce_mean(correct, -1), tf.reduce_mean(loss, -1)
+        return correct, tf.reduce_sum(loss, -1)
+
+    def prepare_examples(self, x, y, what="evaluation"):
+        """Checks raw ``(x, y)`` against the model and maps ``x`` through ``fns.features``.
+
+        Returns:
+            ``(features, y)``: a tensor and int64 class ids.
+
+        Raises:
+            ValueError: empty or mismatched data, wrong per-sample shape, NaN/inf inputs, or
+                labels outside the model's classes; the message names the value.
+        """
+        if x is None or y is None or len(x) == 0 or len(x) != len(y):
+            raise ValueError(f"The {what} data needs matching, non-empty x and y; got "
+                             f"{0 if x is None else len(x)} and {0 if y is None else len(y)} "
+                             "samples.")
+        self.check_inputs(x, f"{what} inputs")
+        self.check_labels(y, f"{what} labels")
+        return self.fns.features(x), np.asarray(y, np.int64)
+
+    def evaluate_models(self, weights, features, y):
+        """Accuracy and mean loss of B models of this architecture on prepared data.
+
+        Models are evaluated ``eval_batch`` at a time (the last group padded, so the shapes
+        stay fixed), 2,048 samples per forward pass.
+
+        Args:
+            weights: list aligned with ``model.trainable_variables``, each ``[B, *shape]``.
+            features: ``fns.features`` of the inputs (see ``prepare_examples``).
+            y: int64 class ids.
+
+        Returns:
+            ``(accuracy, loss)``: float64 arrays ``[B]``.
+        """
+        b, n = int(weights[0].shape[0]), int(features.shape[0])
+        y = tf.constant(np.asarray(y), tf.int64)
+        correct, loss = np.zeros(b, np.int64), np.zeros(b)
+        weights = [tf.convert_to_tensor(w, tf.float32) for w in weights]
+        for group in base.client_groups(b, min(self.eval_batch, b)):
+            w = [tf.gather(v, group.indices) for v in weights]
+            real = group.indices[:group.real]
+            for i in range(0, n, EVAL_CHUNK):
+                hits, total = self._eval_fn(w, features[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK])
+                correct[real] += hits.numpy()[:group.real]
+                loss[real] += total.numpy()[:group.real]
+        return correct / n, loss / n
 
     def evaluate(self, x, y, features_ready=False, clients=True):
         """Test metrics of the aggregated model and of every client model.
@@ -329,24 +432,12 @@ class DecentralizedTrainer:
             kept in ``trainer.last_client_accuracy``.
         """
         if not features_ready:
-            self._check_inputs(x, "evaluation inputs")
-            self._check_labels(y, "evaluation labels")
-        agg = [tf.constant(w[None]) for w in self.aggregated_weights()]
-        feats = x if features_ready else self.fns.features(x)
-        y = tf.constant(np.asarray(y), tf.int64)
-        chunks = range(0, int(feats.shape[0]), 2048)
-        acc, loss = zip(*[self._eval_fn(agg, feats[i:i + 2048], y[i:i + 2048]) for i in chunks])
-        sizes = np.array([min(2048, int(feats.shape[0]) - i) for i in chunks], np.float64)
-        agg_acc = float(np.dot([a.numpy()[0] for a in acc], sizes) / sizes.sum())
-        agg_loss = float(np.dot([l.numpy()[0] for l in loss], sizes) / sizes.sum())
+            x, y = self.prepare_examples(x, y)
+        aggregate = [w[None] for w in self.aggregated_weights()]
+        agg_acc, agg_loss = (float(v[0]) for v in self.evaluate_models(aggregate, x, y))
         if not clients:
             return {"val_loss": agg_loss, "val_accuracy": agg_acc}
-        k = int(self.client_weights[0].shape[0])
-        client_acc = np.zeros(k)
-        for idx, real in base.client_groups(k, min(self.eval_batch, k)):
-            w = [tf.gather(v, idx) for v in self.client_weights]
-            parts = [self._eval_fn(w, feats[i:i + 2048], y[i:i + 2048])[0].numpy() for i in chunks]
-            client_acc[idx[:real]] = (np.stack(parts, 1) @ sizes / sizes.sum())[:real]
+        client_acc, _ = self.evaluate_models(self.client_weights, x, y)
         self.last_client_accuracy = client_acc
         return {"val_loss": agg_loss, "val_accuracy": agg_acc,
                 "val_client_mean_accuracy": float(client_acc.mean()),
@@ -354,7 +445,7 @@ class DecentralizedTrainer:
                 "val_client_max_accuracy": float(client_acc.max())}
 
     def tracing_counts(self):
-        """How often each ``tf.function`` of the trainer, its algorithm and kernel has been traced.
+        """How often each ``tf.function`` of the trainer and its executor's worker was traced.
 
         A count that grows after the first round means retracing (new shapes or Python values
         reaching a ``tf.function``), which costs seconds per round.
@@ -362,13 +453,8 @@ class DecentralizedTrainer:
         Returns:
             Dict ``"owner.attribute" -> traces``.
         """
-        owners = {"trainer": self, "algorithm": self.algorithm}
-        kernel = getattr(self.algorithm, "_kernel", None)
-        if kernel is not None:
-            owners["kernel"] = kernel
-        counts = {}
-        for owner_name, owner in owners.items():
-            for name, value in vars(owner).items():
-                if hasattr(value, "experimental_get_tracing_count"):
-                    counts[f"{owner_name}.{name}"] = int(value.experimental_get_tracing_count())
+        counts = {f"trainer.{name}": int(value.experimental_get_tracing_count())
+                  for name, value in vars(self).items()
+                  if hasattr(value, "experimental_get_tracing_count")}
+        counts.update(self.executor.tracing_counts())
         return counts

@@ -99,7 +99,7 @@ def test_identical_data_gives_identical_models(name, small_fashion):
 def test_local_schedule_covers_each_clients_samples_once_per_epoch():
     alg = nd.algorithms.DFedAvg(batch_size=4, local_epochs=2)
     counts = np.array([10, 3, 7])
-    steps = alg._schedule(counts, 10, np.random.default_rng(0))  # [steps, K, batch]
+    steps = alg.schedule(counts, 10, np.random.default_rng(0))  # [steps, K, batch]
     per_epoch = steps.shape[0] // 2
     for e in range(2):
         block = steps[e * per_epoch:(e + 1) * per_epoch]

@@ -213,12 +213,12 @@ def _linear_setup(loss, eta, tau, d=4):
     clients = ClientTensors(tf.constant(x), tf.constant(y), tf.constant(mask),
                             mask.sum(1).astype(np.int64))
     weights = [tf.constant(v) for v in w]
-    alg = NTKDFL(learning_rate=eta, taus=(tau,), loss=loss)
-    alg.init(fns, weights, clients)
+    worker = NTKDFL(learning_rate=eta, taus=(tau,), loss=loss).make_worker(fns)
+    worker.bind(clients)
     h = kernels.make_kernel(fns, "dense")(weights, clients.features, clients.mask)
-    new, cand_loss, tau_index, _, _, monotone = alg._evolve(
+    new, cand_loss, tau_index, _, _, monotone = worker._evolve(
         weights, weights, clients.features, clients.labels, clients.mask, h,
-        tf.constant(eta, tf.float32), tf.constant(False))
+        tf.constant(eta, tf.float32), tf.constant(False), None)
     assert bool(monotone)
     assert np.all(tau_index.numpy() == 0)
     return w, x, y, mask, h, [v.numpy() for v in new], cand_loss.numpy()

@@ -1,4 +1,4 @@
-"""NTK-DFL round semantics: averaging, ablation, sequential order, isolated clients, seeds."""
+"""NTK-DFL round semantics: averaging, ablation, isolated clients, seeds."""
 
 import keras
 import numpy as np
@@ -29,13 +29,11 @@ def test_same_seed_same_run_different_seed_different_run(tiny):
     assert not np.allclose(a.client_weights[0].numpy(), c.client_weights[0].numpy())
 
 
-def test_orders_and_ablation_all_train_and_differ(tiny):
+def test_ablation_trains_and_differs(tiny):
     clients, test = tiny
     runs = {name: _fit(clients, test, **kw)[0] for name, kw in {
-        "sync": {}, "sequential": {"order": "sequential"},
-        "no_averaging": {"per_round_averaging": False}}.items()}
+        "sync": {}, "no_averaging": {"per_round_averaging": False}}.items()}
     w = {k: t.client_weights[0].numpy() for k, t in runs.items()}
-    assert not np.allclose(w["sync"], w["sequential"])
     assert not np.allclose(w["sync"], w["no_averaging"])
     for t in runs.values():
         assert np.isfinite(t.last_client_accuracy).all()
@@ -103,15 +101,6 @@ def test_isolated_clients_average_with_themselves(tiny):
         np.testing.assert_allclose(many.numpy()[2], one.numpy()[0], rtol=1e-5, atol=1e-6)
 
 
-def test_without_averaging_sequential_equals_synchronous(tiny):
-    """In-place order only matters through averaging: without it both orders agree."""
-    clients, test = tiny
-    sync, _ = _fit(clients, test, per_round_averaging=False)
-    seq, _ = _fit(clients, test, per_round_averaging=False, order="sequential")
-    for a, b in zip(sync.client_weights, seq.client_weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
-
-
 def test_fully_connected_clients_stay_identical(tiny):
     """Everyone averages to the same weights and evolves on all data: identical clients."""
     clients, test = tiny
@@ -153,7 +142,8 @@ def test_neighbour_average_is_mixing_product():
 
 def test_slices_partition_every_clients_samples(tiny):
     """Jacobian batching: each real sample lands in exactly one slice, slices are balanced."""
-    from ntkdfl_tf.algorithms.ntkdfl import slice_orders, slices_from_orders
+    from ntkdfl_tf.algorithms.ntkdfl import slice_orders
+    from ntkdfl_tf.algorithms.ntkdfl_worker import slices_from_orders
     clients, _ = tiny
     trainer = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.NTKDFL(), nd.topology.Ring())
     tensors = trainer._client_tensors(clients)
@@ -237,7 +227,7 @@ def test_adaptive_step_falls_back_to_the_bound_when_the_flow_loss_rises(tiny, mo
 
 def test_a_subset_of_clients_gathers_the_same_neighbourhoods_as_all_of_them():
     """What a Ray actor holding some clients' data computes from equals the full gather."""
-    from ntkdfl_tf.algorithms import ntkdfl
+    from ntkdfl_tf.algorithms import ntkdfl, ntkdfl_worker
 
     rng = np.random.default_rng(0)
     k, n_max, d, c = 6, 5, 3, 4
@@ -252,10 +242,10 @@ def test_a_subset_of_clients_gathers_the_same_neighbourhoods_as_all_of_them():
     orders = ntkdfl.slice_orders(counts, n_max, 2, rng)  # a deal of all six clients
     index = np.array([[3, 1, 4], [4, 4, 3]])  # neighbourhoods within the held clients
     valid = np.array([[1, 1, 1], [1, 0, 1]], np.float32)
-    for whole, part in zip(ntkdfl.slices_from_orders(full, orders),
-                           ntkdfl.slices_from_orders(held, orders)):
-        for a, b in zip(ntkdfl.gather_neighbourhood(whole, index, valid),
-                        ntkdfl.gather_neighbourhood(part, index, valid)):
+    for whole, part in zip(ntkdfl_worker.slices_from_orders(full, orders),
+                           ntkdfl_worker.slices_from_orders(held, orders)):
+        for a, b in zip(ntkdfl_worker.gather_neighbourhood(whole, index, valid),
+                        ntkdfl_worker.gather_neighbourhood(part, index, valid)):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(KeyError, match=r"\[2\]"):
         held.rows([1, 2])

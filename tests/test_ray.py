@@ -99,9 +99,3 @@ def test_actor_killed_mid_round_is_restarted_and_the_round_retried(tiny, local_r
     for a, b in zip(expected.client_weights, trainer.client_weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(expected_history["val_loss"], history["val_loss"], atol=1e-6)
-
-
-def test_sequential_order_is_refused_with_ray():
-    with pytest.raises(ValueError, match="executor='local'"):
-        nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.NTKDFL(order="sequential"),
-                                nd.topology.Ring(), executor=RayExecutor())

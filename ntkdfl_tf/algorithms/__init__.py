@@ -1,6 +1,6 @@
-"""DFL algorithms behind one small interface (``base.Algorithm``)."""
+"""DFL algorithms behind one small interface (``base.Algorithm``): configuration and a round."""
 
-from ntkdfl_tf.algorithms.base import Algorithm, neighbour_average
+from ntkdfl_tf.algorithms.base import Algorithm, RoundInput, RoundOutput, Worker
 from ntkdfl_tf.algorithms.dfedavg import DFedAvg
 from ntkdfl_tf.algorithms.dfedavgm import DFedAvgM
 from ntkdfl_tf.algorithms.dfedsam import DFedSAM

@@ -1,17 +1,25 @@
-"""The small interface every DFL algorithm implements, and the pieces they share."""
+"""What every DFL algorithm is made of, and the pieces they share.
+
+An algorithm is frozen configuration plus a round in protocol terms (``Algorithm.run_round``):
+it sends messages through the round's channel, hands per-client work to an executor as typed
+calls, and combines the results. A *worker* (``Algorithm.make_worker``), one per process or Ray
+actor, owns the compiled functions, kernels and the clients' data that those calls need.
+"""
 
 import dataclasses
+import functools
+import typing
 
 import numpy as np
 import tensorflow as tf
 
-FLOAT_BYTES = 4
+from ntkdfl_tf import protocol, topology
 
 
 @dataclasses.dataclass
 class ClientTensors:
     """The clients' training data (all of them, or those in ``ids``), on the device, in the form
-    the algorithms consume.
+    the workers consume.
 
     Attributes:
         features: ``fns.features(x)`` per client, ``[K, n_max, ...]`` float32.
@@ -19,8 +27,7 @@ class ClientTensors:
         mask: ``[K, n_max]`` float32, 1 for real samples.
         counts: real samples per client, NumPy int64 ``[K]``.
         ids: which clients the rows are (global ids, any order), int64 ``[K]``; None for all
-            clients in order.
-            A remote executor gives each copy of the algorithm only the clients it needs.
+            clients in order. A remote executor gives each worker only the clients it needs.
     """
 
     features: tf.Tensor
@@ -43,62 +50,137 @@ class ClientTensors:
         rows = order[found]
         if not np.array_equal(self.ids[rows], clients):
             missing = np.setdiff1d(clients, self.ids)
-            raise KeyError(f"clients {missing[:10].tolist()} are not held here; the executor "
-                           "must send their data with the call (call_clients).")
+            raise KeyError(f"clients {missing[:10].tolist()} are not held here; a call must "
+                           "name every client whose data it reads (its ``reads``).")
         return rows.astype(clients.dtype)
 
 
-class Algorithm:
-    """Interface: explicit state in, explicit state out (optax style).
+class RoundInput(typing.NamedTuple):
+    """Everything an algorithm's round reads.
 
-    ``init(fns, weights, clients) -> state`` and
-    ``run_round(state, weights, adjacency, round_index, fns, clients, rng, executor)
-    -> (weights, state, logs)``, where ``weights`` is a list of ``[K, *shape]`` tensors (one per
-    trainable variable), ``adjacency`` the round's (K, K) boolean graph (row i: whom client i
-    hears from) and ``logs`` a dict of flat Python floats (always including ``loss`` and
-    ``bytes_sent``). Per-client work goes through ``executor.map(method, calls)``, which calls
-    a pure per-group method of the algorithm (NumPy in, NumPy out) in this process or on Ray
-    actors, each holding its own copy of the algorithm made by pickling.
+    Attributes:
+        index: 0-based round number.
+        weights: list of ``[K, *shape]`` tensors, one per trainable variable.
+        graph: (K, K) boolean: entry (i, j) when client i may hear from client j this round
+            (the topology's draw, without clients that sit the round out).
+        counts: real samples per client, NumPy int64 ``[K]``.
+        max_samples: padded samples per client (``n_max``).
+        rng: the round's ``sampling`` random stream.
+        state: the algorithm's state (``Algorithm.init_state``), None for stateless ones.
+        fns: the model's ``ModelFunctions`` (shapes and class count for message sizes).
+    """
+
+    index: int
+    weights: list
+    graph: np.ndarray
+    counts: np.ndarray
+    max_samples: int
+    rng: np.random.Generator
+    state: typing.Any
+    fns: typing.Any
+
+    @property
+    def num_clients(self):
+        return len(self.counts)
+
+
+class RoundOutput(typing.NamedTuple):
+    """A round's new client weights, state and flat logs (Python floats, always ``loss``)."""
+
+    weights: list
+    state: typing.Any
+    logs: dict
+
+
+class Worker:
+    """Runs one algorithm's per-client calls; one per process (local) or Ray actor.
+
+    Built once per process from the algorithm's configuration and the model's functions; it
+    owns compiled functions, kernels and the data of the clients bound to it.
+    """
+
+    def __init__(self, algorithm, fns):
+        self.algorithm, self.fns = algorithm, fns
+
+    def bind(self, clients):
+        """Gives the worker the data of ``clients`` (ClientTensors) for the calls that follow."""
+        raise NotImplementedError
+
+    def run(self, context, call):
+        """One call's work; ``context`` is what every call of the map shares."""
+        raise NotImplementedError
+
+    def tracing_counts(self):
+        """``{"name": traces}`` of the worker's ``tf.function``s (growth means retracing)."""
+        counts = {}
+        for owner_name, owner in (("worker", self), ("kernel", getattr(self, "kernel", None))):
+            for name, value in (vars(owner) if owner is not None else {}).items():
+                if hasattr(value, "experimental_get_tracing_count"):
+                    counts[f"{owner_name}.{name}"] = int(value.experimental_get_tracing_count())
+        return counts
+
+
+class Algorithm:
+    """Interface of a DFL algorithm: frozen configuration plus a round in protocol terms.
+
+    Subclasses are frozen dataclasses. ``run_round(round_input, channel, executor)`` returns a
+    ``RoundOutput``: it sends every message through ``channel`` (a
+    ``protocol.RoundChannel``, which counts the bytes it delivers) and maps typed calls over
+    the executor, whose worker is ``make_worker(fns)``. Each call names the clients it computes
+    (``members``) and every client whose data it reads (``reads``), so that a remote executor
+    can place the data.
     """
 
     name = "algorithm"
-    supports_remote = True  # False: per-client work that a remote executor cannot run
 
-    def __getstate__(self):
-        """Configuration only: a copy (e.g. on a Ray actor) builds its own functions in init."""
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-        state["_built_for"] = None
-        return state
+    def make_worker(self, fns):
+        """The worker that runs this algorithm's calls for the model behind ``fns``."""
+        raise NotImplementedError
 
-    def init(self, fns, weights, clients):
-        return {}
-
-    def call_clients(self, method, call):
-        """The clients whose data one per-group call reads (global ids), for remote executors.
-
-        Args:
-            method: the per-group method's name.
-            call: its per-call arguments.
-
-        Returns:
-            ``(members, reads)``: the clients whose results the call computes, and every client
-            whose data it reads (members included); or None (this default): every client's
-            data, on every actor.
-        """
+    def init_state(self, fns, num_clients):
+        """The algorithm's state before round 0 (None: it has none)."""
         return None
 
-    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
+    def run_round(self, round_input, channel, executor):
         raise NotImplementedError
+
+    @property
+    def config(self):
+        """The configuration as a flat JSON-able dict (checkpoint fingerprints, logs)."""
+        return {"name": self.name, **{f.name: describe(getattr(self, f.name))
+                                      for f in dataclasses.fields(self)}}
+
+
+def describe(value):
+    """A JSON-able, run-independent description of a configuration value."""
+    if isinstance(value, functools.partial):
+        return {"function": describe(value.func), "args": [describe(a) for a in value.args],
+                "keywords": {k: describe(v) for k, v in value.keywords.items()}}
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    if isinstance(value, (tuple, list)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def learning_rate_at(learning_rate, round_index):
     """A float, or a callable ``round -> float`` (a schedule), evaluated at ``round_index``."""
     value = learning_rate(round_index) if callable(learning_rate) else learning_rate
     value = float(value)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"learning rate must be a positive number, got {value!r} at round "
-                         f"{round_index}.")
+    if not np.isfinite(value) or value <= 0 or value > np.finfo(np.float32).max:
+        raise ValueError(f"learning rate must be a positive number below the float32 maximum, "
+                         f"got {value!r} at round {round_index}.")
     return value
+
+
+def positive_int(name, value):
+    """Raises ValueError unless ``value`` is a positive integer."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def neighbour_average(mixing, weights):
@@ -113,6 +195,34 @@ def neighbour_average(mixing, weights):
                        [mixing.shape[0]] + list(w.shape[1:])) for w in weights]
 
 
+def average_received(weights, delivery):
+    """Each client's average of its own weights and the ``WeightsMessage``s delivered to it.
+
+    Args:
+        weights: list of ``[K, *shape]`` tensors: every client's own weights (the senders').
+        delivery: a ``protocol.Delivery`` of weights messages.
+
+    Returns:
+        List of ``[K, *shape]`` tensors. When the channel left every message unchanged the
+        messages carry the senders' own rows, and the average is one mixing product (the
+        receivers' uniform weights over whom they heard from); otherwise the delivered arrays
+        are summed per receiver.
+    """
+    k = int(weights[0].shape[0])
+    heard = protocol.heard_from(delivery.messages, k)
+    if delivery.unchanged:
+        return neighbour_average(topology.mixing_matrix(heard), weights)
+    receivers = np.array([m.receiver for m in delivery.messages], np.int64)
+    counts = (heard.sum(axis=1) + 1).astype(np.float32)
+    out = []
+    for v, w in enumerate(weights):
+        total = w.numpy().astype(np.float32)
+        if len(receivers):
+            np.add.at(total, receivers, np.stack([m.weights[v] for m in delivery.messages]))
+        out.append(tf.constant(total / counts.reshape((-1,) + (1,) * (total.ndim - 1))))
+    return out
+
+
 def masked_cross_entropy(logits, labels, mask):
     """Mean cross-entropy over real samples, per client: ``[..., B, N, C] -> [..., B]``."""
     per_sample = tf.nn.softmax_cross_entropy_with_logits(labels, logits) * mask
@@ -124,18 +234,31 @@ def append_zero_row(t):
     return tf.concat([t, tf.zeros_like(t[:, :1])], 1)
 
 
+class ClientGroup(typing.NamedTuple):
+    """Client indices padded to a fixed group size, and how many leading entries are real."""
+
+    indices: np.ndarray
+    real: int
+
+
 def client_groups(num_clients, group_size):
     """Client indices in groups of exactly ``group_size`` (the last one padded by repetition).
 
     Fixed group shapes keep every ``tf.function`` on one trace.
-
-    Returns:
-        List of ``(indices, real)``: int32 indices and how many leading entries are real.
     """
     groups = []
     for start in range(0, num_clients, group_size):
         idx = np.arange(start, min(start + group_size, num_clients))
         real = len(idx)
         idx = np.concatenate([idx, np.full(group_size - real, idx[-1])]).astype(np.int32)
-        groups.append((idx, real))
+        groups.append(ClientGroup(idx, real))
     return groups
+
+
+def scatter_groups(groups, values, num_clients, dtype=None):
+    """Per-group arrays ``[B, ...]`` -> one ``[K, ...]`` array (padding rows dropped)."""
+    dtype = np.asarray(values[0]).dtype if dtype is None else dtype
+    out = np.empty((num_clients,) + np.shape(values[0])[1:], dtype)
+    for group, v in zip(groups, values):
+        out[group.indices[:group.real]] = np.asarray(v)[:group.real]
+    return out

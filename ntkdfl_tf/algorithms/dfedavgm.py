@@ -1,13 +1,22 @@
 """DFedAvgM: DFedAvg with heavy-ball momentum in the local steps."""
 
+import dataclasses
+import typing
+
 from ntkdfl_tf.algorithms.local_sgd import LocalSGD
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DFedAvgM(LocalSGD):
-    """Paper defaults: lr 0.01, batch 50, 20 local epochs, momentum 0.9 (buffers kept per client)."""
+    """Paper defaults: lr 0.01, batch 50, 20 local epochs, momentum 0.9.
 
-    name = "dfedavgm"
+    The momentum buffers start at zero every round, as a fresh local optimizer does in the
+    reference.
+    """
 
-    def __init__(self, learning_rate=0.01, batch_size=50, local_epochs=20, momentum=0.9, **kwargs):
-        super().__init__(learning_rate=learning_rate, batch_size=batch_size,
-                         local_epochs=local_epochs, momentum=momentum, **kwargs)
+    learning_rate: typing.Any = 0.01
+    batch_size: int = 50
+    local_epochs: int = 20
+    momentum: float = 0.9
+
+    name: typing.ClassVar[str] = "dfedavgm"

@@ -1,13 +1,17 @@
 """D-PSGD: one local minibatch gradient step per round, then gossip (neighbour) averaging."""
 
+import dataclasses
+import typing
+
 from ntkdfl_tf.algorithms.local_sgd import LocalSGD
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DPSGD(LocalSGD):
     """Paper defaults: lr 0.1, batch 10, one step per round."""
 
-    name = "dpsgd"
+    learning_rate: typing.Any = 0.1
+    batch_size: int = 10
+    local_steps: int = 1
 
-    def __init__(self, learning_rate=0.1, batch_size=10, local_steps=1, **kwargs):
-        super().__init__(learning_rate=learning_rate, batch_size=batch_size,
-                         local_steps=local_steps, **kwargs)
+    name: typing.ClassVar[str] = "dpsgd"

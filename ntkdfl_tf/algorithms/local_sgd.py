@@ -1,18 +1,53 @@
-"""Local training shared by the DFedAvg family: many clients' SGD in one ``tf.function``.
+"""Local training then neighbour averaging: the DFedAvg family's configuration and round.
 
 Every client runs the same number of steps per epoch, ``ceil(n_max / batch_size)``; a client's
 batches draw from a permutation that puts its real samples first, so its batches past its own
-data are empty and are skipped (no step, no momentum update). Each client's loss is the mean over the real samples of
-its batch; the clients' losses are summed, so one gradient call yields every client's gradient.
+data are empty and are skipped (no step, no momentum update). The work itself is
+``LocalSGDWorker``'s.
 """
+
+import dataclasses
+import typing
 
 import numpy as np
 import tensorflow as tf
 
-from ntkdfl_tf import topology
+from ntkdfl_tf import protocol
 from ntkdfl_tf.algorithms import base
 
 
+class TrainContext(typing.NamedTuple):
+    """What every call of a round shares: the local step size."""
+
+    learning_rate: float
+
+
+class TrainCall(typing.NamedTuple):
+    """Local training of a group of clients on their own data.
+
+    Attributes:
+        members: the clients, int32 ``[B]`` (the last group padded by repetition).
+        weights: their weights, NumPy ``[B, *shape]`` per variable.
+        steps: per-step sample indices ``[steps, B, batch]`` (index ``n_max``: padding).
+    """
+
+    members: np.ndarray
+    weights: list
+    steps: np.ndarray
+
+    @property
+    def reads(self):
+        return np.unique(self.members)
+
+
+class TrainResult(typing.NamedTuple):
+    """A group's trained weights (NumPy ``[B, *shape]``) and mean batch loss ``[B]``."""
+
+    weights: list
+    loss: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LocalSGD(base.Algorithm):
     """Local (momentum / sharpness-aware) SGD on each client's own data, then neighbour averaging.
 
@@ -27,47 +62,34 @@ class LocalSGD(base.Algorithm):
         client_batch: clients trained together in one TensorFlow call.
     """
 
-    name = "local_sgd"
+    learning_rate: typing.Any = 0.1
+    batch_size: int = 25
+    local_epochs: int = 20
+    local_steps: int = None
+    momentum: float = 0.0
+    sam_rho: float = 0.0
+    client_batch: int = 100
 
-    def __init__(self, learning_rate=0.1, batch_size=25, local_epochs=20, local_steps=None,
-                 momentum=0.0, sam_rho=0.0, client_batch=100):
-        if not callable(learning_rate):
-            base.learning_rate_at(learning_rate, 0)
-        for arg, value in (("batch_size", batch_size), ("local_epochs", local_epochs),
-                           ("client_batch", client_batch)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value!r}.")
-        if local_steps is not None and (not isinstance(local_steps, (int, np.integer))
-                                        or local_steps < 1):
-            raise ValueError(f"local_steps must be a positive integer or None, got {local_steps!r}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-        if sam_rho < 0:
-            raise ValueError(f"sam_rho must be >= 0, got {sam_rho!r}.")
-        self.learning_rate, self.batch_size = learning_rate, int(batch_size)
-        self.local_epochs, self.local_steps = int(local_epochs), local_steps
-        self.momentum, self.sam_rho, self.client_batch = float(momentum), float(sam_rho), client_batch
-        self._built_for = None
+    name: typing.ClassVar[str] = "local_sgd"
 
-    def init(self, fns, weights, clients):
-        if self._built_for is not fns:
-            self._fns = fns
-            self._train = tf.function(self._train_group, reduce_retracing=True)
-            self._built_for = fns
-        # index n_max addresses an appended all-zero (masked) row: the last batch's padding
-        self._data = [base.append_zero_row(t) for t in
-                      (clients.features, clients.labels, clients.mask)]
-        self._rows = clients.rows
-        return {}
+    def __post_init__(self):
+        if not callable(self.learning_rate):
+            base.learning_rate_at(self.learning_rate, 0)
+        for name in ("batch_size", "local_epochs", "client_batch"):
+            base.positive_int(name, getattr(self, name))
+        if self.local_steps is not None:
+            base.positive_int("local_steps", self.local_steps)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
+        if not self.sam_rho >= 0:
+            raise ValueError(f"sam_rho must be >= 0, got {self.sam_rho!r}.")
 
-    def call_clients(self, method, call):
-        """A group trains on its own clients' data only."""
-        if method != "train_group":
-            raise ValueError(f"{type(self).__name__} has no per-group method {method!r}.")
-        clients = np.unique(call[1])
-        return clients, clients
+    def make_worker(self, fns):
+        from ntkdfl_tf.algorithms.local_sgd_worker import LocalSGDWorker
 
-    def _schedule(self, counts, n_max, rng):
+        return LocalSGDWorker(self, fns)
+
+    def schedule(self, counts, n_max, rng):
         """Per-step sample indices [steps, K, batch]: each epoch a fresh per-client shuffle."""
         k = len(counts)
         per_epoch = -(-n_max // self.batch_size)
@@ -80,79 +102,20 @@ class LocalSGD(base.Algorithm):
         steps = steps.reshape(epochs * per_epoch, k, self.batch_size)
         return steps[:self.local_steps] if self.local_steps is not None else steps
 
-    def run_round(self, state, weights, adjacency, round_index, fns, clients, rng, executor):
-        lr = base.learning_rate_at(self.learning_rate, round_index)
-        n_max = int(clients.features.shape[1])
-        steps = self._schedule(clients.counts, n_max, rng)
-        k = clients.num_clients
-        numpy_weights = [w.numpy() for w in weights]
+    def run_round(self, round_input, channel, executor):
+        r = round_input
+        lr = base.learning_rate_at(self.learning_rate, r.index)
+        steps = self.schedule(r.counts, r.max_samples, r.rng)
+        k = r.num_clients
+        own = [w.numpy() for w in r.weights]
         groups = base.client_groups(k, min(self.client_batch, k))
-        calls = [([w[idx] for w in numpy_weights], idx, steps[:, idx]) for idx, _ in groups]
-        results = executor.map("train_group", calls, shared=(lr,))
-        losses = np.zeros(k)
-        for (idx, real), (_, loss) in zip(groups, results):
-            losses[idx[:real]] = loss[:real]
-        trained = [tf.constant(np.concatenate([w[v][:real] for (_, real), (w, _) in
-                                               zip(groups, results)], 0))
-                   for v in range(len(weights))]
-        averaged = base.neighbour_average(topology.mixing_matrix(adjacency), trained)
-        logs = {"loss": float(losses.mean()), "local_learning_rate": lr,
-                "bytes_sent": float(adjacency.sum() * fns.num_params * base.FLOAT_BYTES)}
-        return averaged, state, logs
-
-    def train_group(self, lr, weights, idx, steps):
-        """One group's local epochs (pure; runs wherever the executor puts it).
-
-        Args:
-            lr: step size. weights: list of NumPy ``[B, *shape]``. idx: the clients (int32 [B]).
-            steps: per-step sample indices ``[steps, B, batch]``.
-
-        Returns:
-            ``(weights, loss)``: NumPy new weights and mean batch loss ``[B]``.
-        """
-        rows = self._rows(idx)
-        feats, labels, mask = (tf.gather(t, rows) for t in self._data)
-        w, loss = self._train([tf.constant(w) for w in weights], feats, labels, mask,
-                              tf.constant(steps), tf.constant(lr, tf.float32))
-        return [v.numpy() for v in w], loss.numpy()
-
-    def _gradients(self, w, x, y, mask):
-        with tf.GradientTape() as tape:
-            tape.watch(w)
-            per_client = base.masked_cross_entropy(self._fns.forward(w, x), y, mask)
-            total = tf.reduce_sum(per_client)
-        return tape.gradient(total, w), per_client
-
-    def _train_group(self, w, feats, labels, mask, steps, lr):
-        """All local steps of a group of clients; returns weights and mean batch loss [B]."""
-
-        def step(i, w, m, loss_sum, loss_count):
-            idx = steps[i]
-            x = tf.gather(feats, idx, batch_dims=1)
-            y = tf.gather(labels, idx, batch_dims=1)
-            mk = tf.gather(mask, idx, batch_dims=1)
-            grads, loss = self._gradients(w, x, y, mk)
-            if self.sam_rho:  # ascend to the worst case within rho, take the gradient there
-                norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g), axis=list(range(1, g.shape.rank)))
-                                         for g in grads]))
-                scale = self.sam_rho / (norm + 1e-12)
-                adv = [v + g * tf.reshape(scale, [-1] + [1] * (g.shape.rank - 1))
-                       for v, g in zip(w, grads)]  # empty batch: g = 0, no ascent
-                grads, _ = self._gradients(adv, x, y, mk)
-            has = tf.cast(tf.reduce_sum(mk, -1) > 0, tf.float32)  # [B]: batch not empty
-
-            def per_client(v, like):
-                return tf.reshape(v, [-1] + [1] * (like.shape.rank - 1))
-
-            if self.momentum:  # an empty batch leaves the buffer as it is
-                m = [mv + per_client(has, mv) * ((self.momentum - 1.0) * mv + g)
-                     for mv, g in zip(m, grads)]
-                grads = m
-            w = [v - lr * per_client(has, v) * g for v, g in zip(w, grads)]
-            return i + 1, w, m, loss_sum + loss * has, loss_count + has
-
-        zeros = tf.zeros(tf.shape(mask)[:1])
-        _, w, _, loss_sum, count = tf.while_loop(
-            lambda i, *_: i < tf.shape(steps)[0], step,
-            (0, w, [tf.zeros_like(v) for v in w], zeros, zeros))
-        return w, loss_sum / tf.maximum(count, 1.0)
+        calls = [TrainCall(g.indices, [w[g.indices] for w in own], steps[:, g.indices])
+                 for g in groups]
+        results = executor.map(TrainContext(lr), calls)
+        losses = base.scatter_groups(groups, [res.loss for res in results], k, np.float64)
+        trained = [np.concatenate([res.weights[v][:g.real] for g, res in zip(groups, results)], 0)
+                   for v in range(len(own))]
+        delivery = channel.deliver(protocol.weights_messages(r.graph, trained))
+        averaged = base.average_received([tf.constant(w) for w in trained], delivery)
+        logs = {"loss": float(losses.mean()), "local_learning_rate": lr}
+        return base.RoundOutput(averaged, r.state, logs)

@@ -1,12 +1,12 @@
 """FinalAggregation: saves the aggregated (client-averaged) model when training ends."""
 
 import os
-import tempfile
 
 import keras
 import numpy as np
 
 from ntkdfl_tf import selection as selection_lib
+from ntkdfl_tf.io import atomic_path
 
 
 class FinalAggregation(keras.callbacks.Callback):
@@ -20,8 +20,8 @@ class FinalAggregation(keras.callbacks.Callback):
     ``selected_clients`` (client indices averaged) and ``validation_accuracy`` (the saved
     model's accuracy on ``validation_data``, None without it) record the choice.
 
-    The write is atomic (a temporary file in the same folder, then a rename), so an interrupted
-    run never leaves a truncated model behind.
+    The write is atomic (``ntkdfl_tf.io.atomic_path``: a temporary file in the same folder,
+    fsync, then a rename), so an interrupted run never leaves a truncated model behind.
 
     Args:
         directory: folder for the model; created if missing.
@@ -82,12 +82,5 @@ class FinalAggregation(keras.callbacks.Callback):
         if self._trainer is None or self._trainer.client_weights is None:
             return
         model = self._choose()
-        os.makedirs(self.directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".keras", dir=self.directory, prefix=f".{self.name}.")
-        os.close(fd)
-        try:
+        with atomic_path(self.path, suffix=".keras") as tmp:  # Keras checks the ending
             model.save(tmp)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)

@@ -1,8 +1,9 @@
 """Where per-client work runs: in this process (``local``) or on Ray actors (``ray``).
 
-An executor maps one of the algorithm's per-group methods (pure: NumPy weights and indices in,
-NumPy weights and logs out) over client groups. Every executor runs the same method on the
-same groups, so the results agree whatever runs them.
+An executor runs an algorithm's typed calls (NumPy weights and indices in, a typed result of
+NumPy arrays out) on workers (``Algorithm.make_worker``): one in this process, or one per Ray
+actor. Each call names the clients whose data it reads (``call.reads``). Every executor runs
+the same calls, so the results agree whatever runs them.
 """
 
 from ntkdfl_tf.executors.local import LocalExecutor

@@ -1,25 +1,35 @@
-"""LocalExecutor: every group in this process, one after another (batched inside a group)."""
+"""LocalExecutor: every call in this process, one after another (batched inside a call)."""
 
 
 class LocalExecutor:
-    """Runs the algorithm's per-group methods in this process."""
+    """Runs the algorithm's calls on one worker in this process."""
 
     name = "local"
     remote = False
 
     def __init__(self):
-        self._algorithm = None
+        self._worker, self._built_for = None, None
 
-    def start(self, model_fn, algorithm, clients):
-        """Called by ``fit`` once the client data is on the device."""
-        del model_fn, clients  # the algorithm already holds them (Algorithm.init)
-        self._algorithm = algorithm
+    def start(self, algorithm, clients, fns, model_fn=None):
+        """Called by ``fit`` once the client data is on the device.
 
-    def map(self, method, calls, shared=()):
-        """``[algorithm.method(*shared, *call) for call in calls]``."""
-        fn = getattr(self._algorithm, method)
-        return [fn(*shared, *call) for call in calls]
+        The worker (compiled functions, kernels) is kept across ``fit`` calls of the same
+        algorithm and model, and given this fit's data.
+        """
+        del model_fn  # the worker uses the trainer's own model functions
+        if self._built_for is None or any(a is not b for a, b in zip(self._built_for,
+                                                                     (algorithm, fns))):
+            self._worker, self._built_for = algorithm.make_worker(fns), (algorithm, fns)
+        self._worker.bind(clients)
+
+    def map(self, context, calls):
+        """``[worker.run(context, call) for call in calls]``."""
+        return [self._worker.run(context, call) for call in calls]
 
     def round_stats(self):
         """Per-round figures for the logs: none here."""
         return {}
+
+    def tracing_counts(self):
+        """The worker's ``tf.function`` trace counts (see ``Worker.tracing_counts``)."""
+        return {} if self._worker is None else self._worker.tracing_counts()

@@ -1,13 +1,13 @@
-"""RayExecutor: client groups on Ray actors; each actor holds its own clients' data.
+"""RayExecutor: calls on Ray actors; each actor runs one worker and holds its own clients' data.
 
 Data placement follows the protocol. ``start`` puts every client's data in the object store as
 its own object. (The driver reads the dataset; loading each block on its own node instead is
 not implemented.) The first map of a ``fit`` deals the client groups to the actors in
-contiguous blocks, and from then on actor a *owns* those clients: it fetches their data once per
-``fit`` and keeps it. An actor also fetches the data of the clients outside its block that its
-calls read (``Algorithm.call_clients``; NTK-DFL: its clients' neighbours' samples, from which
-it computes the Jacobians and outputs at the receiving client's averaged weights that the
-protocol sends; DFedAvg: none). It keeps them while the next map reads them too and drops
+contiguous blocks, and from then on actor a *owns* those clients (the calls' ``members``): it
+fetches their data once per ``fit`` and keeps it. An actor also fetches the data of the clients
+outside its block that its calls read (``call.reads``; NTK-DFL: the senders of the lazy Jacobian
+packages its clients received, whose samples it evaluates at the receiver's averaged weights;
+DFedAvg: none). It keeps them while the next map reads them too and drops
 them when it does not, so an actor holds its block plus one round's neighbours. Weights go out
 with each call and come back with the results.
 
@@ -32,7 +32,7 @@ import ray
 
 @ray.remote
 class ClientShard:
-    """One Ray actor: the model, a copy of the algorithm, and the data of the clients it serves.
+    """One Ray actor: a worker of the algorithm and the data of the clients it serves.
 
     The set-up travels with every call as an object-store reference plus a token, and the
     actor rebuilds only when the token changes. So actors are reused across ``fit`` calls, and
@@ -45,14 +45,13 @@ class ClientShard:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
-        self.token, self.algorithm, self.own_ids, self.clients = None, None, None, None
+        self.token, self.worker, self.own_ids, self.clients = None, None, None, None
 
     def _build(self, setup):
         from ntkdfl_tf import functional
 
         model_fn, blob = setup
-        self.fns = functional.ModelFunctions(model_fn())
-        return pickle.loads(blob)
+        return pickle.loads(blob).make_worker(functional.ModelFunctions(model_fn()))
 
     def pid(self):
         return os.getpid()
@@ -61,13 +60,13 @@ class ClientShard:
         """The clients whose data this actor holds now (its block and this round's reads)."""
         return [] if self.clients is None else sorted(self.clients.ids.tolist())
 
-    def call(self, token, setup, method, shared, calls, own_ids, own_refs, read_ids, read_refs):
+    def call(self, token, setup, context, calls, own_ids, own_refs, read_ids, read_refs):
         import tensorflow as tf
 
         from ntkdfl_tf.algorithms import base
 
         if token != self.token:
-            self.algorithm, self.token, self.own_ids = self._build(setup), token, None
+            self.worker, self.token, self.own_ids = self._build(setup), token, None
         if self.own_ids is None or not np.array_equal(self.own_ids, own_ids):
             # this fit's block, stacked once and kept
             self.own_ids, self.own = np.asarray(own_ids, np.int64), _stack(ray.get(own_refs))
@@ -84,9 +83,11 @@ class ClientShard:
                 fields = [tf.concat([o, e], 0) for o, e in zip(self.own[:3], extra[:3])] + [
                     np.concatenate([self.own[3], extra[3]])]
             self.clients = base.ClientTensors(*fields, ids)
-            self.algorithm.init(self.fns, None, self.clients)
-        fn = getattr(self.algorithm, method)
-        return [fn(*shared, *c) for c in calls]
+            self.worker.bind(self.clients)
+        return [self.worker.run(context, c) for c in calls]
+
+    def tracing_counts(self):
+        return {} if self.worker is None else self.worker.tracing_counts()
 
 
 def _stack(data):
@@ -130,8 +131,12 @@ class RayExecutor:
         self.actors = []
         self._bytes = self._data_bytes = 0
 
-    def start(self, model_fn, algorithm, clients):
-        """Starts Ray and the actors if needed; puts each client's data in the object store."""
+    def start(self, algorithm, clients, fns=None, model_fn=None):
+        """Starts Ray and the actors if needed; puts each client's data in the object store.
+
+        Each actor builds its own worker from ``model_fn`` and the pickled ``algorithm``.
+        """
+        del fns  # actors build their own model functions
         if not ray.is_initialized():
             if self.address is None:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False,
@@ -143,7 +148,6 @@ class RayExecutor:
                              for i in range(clients.num_clients)]
         self._client_bytes = np.array([sum(t[i].nbytes for t in arrays)
                                        for i in range(clients.num_clients)])
-        self._algorithm = algorithm  # says which clients' data each call reads
         blob = ray.cloudpickle.dumps(algorithm)  # lambdas (schedules) included
         self._setup = ray.put((model_fn, blob))
         self._token = uuid.uuid4().hex
@@ -156,20 +160,13 @@ class RayExecutor:
         self._own = [None] * len(self.actors)  # set by the first map: the blocks they serve
         self._extra = [np.zeros(0, np.int64)] * len(self.actors)
 
-    def _call_clients(self, method, calls):
-        """Sorted global ids of the clients ``calls`` compute and of those whose data they read.
+    @staticmethod
+    def _call_clients(calls):
+        """Sorted global ids of the clients ``calls`` compute and of those whose data they read."""
+        return (np.unique(np.concatenate([c.members for c in calls])).astype(np.int64),
+                np.unique(np.concatenate([c.reads for c in calls])).astype(np.int64))
 
-        An algorithm without ``call_clients`` reads every client's data on every actor.
-        """
-        everyone = np.arange(len(self._client_refs), dtype=np.int64)
-        found = [self._algorithm.call_clients(method, c) for c in calls]
-        if any(f is None for f in found):
-            return everyone, everyone
-        members, reads = zip(*found)
-        return (np.unique(np.concatenate(members)).astype(np.int64),
-                np.unique(np.concatenate(reads)).astype(np.int64))
-
-    def map(self, method, calls, shared=()):
+    def map(self, context, calls):
         """The calls dealt to the actors in contiguous blocks; results in call order.
 
         An actor's first block of calls in a fit fixes the clients it owns (their data stays on
@@ -179,15 +176,15 @@ class RayExecutor:
         """
         if not self.actors:
             raise RuntimeError("RayExecutor.map before start(): use it through trainer.fit.")
-        shared_ref = ray.put(shared)
-        self._bytes += sum(_nbytes(shared) for _ in self.actors)
+        context_ref = ray.put(context)
+        self._bytes += sum(_nbytes(context) for _ in self.actors)
         blocks = np.array_split(np.arange(len(calls)), len(self.actors))
         futures = []
         for a, (actor, block) in enumerate(zip(self.actors, blocks)):
             if not len(block):
                 continue
             part = [calls[i] for i in block]
-            members, reads = self._call_clients(method, part)
+            members, reads = self._call_clients(part)
             if self._own[a] is None:  # this fit's first map: the actor's block
                 self._own[a] = members
                 self._data_bytes += int(self._client_bytes[members].sum())
@@ -198,7 +195,7 @@ class RayExecutor:
             self._extra[a] = extra
             self._bytes += _nbytes(part)
             futures.append(actor.call.remote(
-                self._token, self._setup, method, shared_ref, part, own,
+                self._token, self._setup, context_ref, part, own,
                 [self._client_refs[i] for i in own], extra.tolist(),
                 [self._client_refs[i] for i in extra]))
         results = [r for part in ray.get(futures) for r in part]
@@ -212,6 +209,10 @@ class RayExecutor:
     def held_clients(self):
         """Per actor, the clients whose data it holds after the last map."""
         return ray.get([a.held_clients.remote() for a in self.actors])
+
+    def tracing_counts(self):
+        """Trace counts of the first actor's worker (every actor runs the same calls)."""
+        return ray.get(self.actors[0].tracing_counts.remote()) if self.actors else {}
 
     def round_stats(self):
         """Bytes that crossed the object store since the last call (per round in the logs).
@@ -234,6 +235,8 @@ class RayExecutor:
 def _nbytes(obj):
     if isinstance(obj, np.ndarray):
         return obj.nbytes
+    if obj is None:
+        return 0
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(o) for o in obj)
     if isinstance(obj, dict):

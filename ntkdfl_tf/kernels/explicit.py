@@ -43,9 +43,11 @@ def jacobian(fns, weights, x):
     return tf.vectorized_map(one_sample, x)
 
 
-def _flat(jac):
+def flat_jacobian(fns, weights, x):
+    """``jacobian`` with the variables flattened and concatenated: ``[n, C, P]``."""
+    jac = jacobian(fns, weights, x)
     n, c = tf.shape(jac[0])[0], jac[0].shape[1]  # n is dynamic: the last chunk is shorter
-    return tf.concat([tf.reshape(j, [n, c, -1]) for j in jac], axis=-1)  # [n, C, P]
+    return tf.concat([tf.reshape(j, [n, c, -1]) for j in jac], axis=-1)
 
 
 class ExplicitNTK:
@@ -58,7 +60,7 @@ class ExplicitNTK:
 
     def __init__(self, fns, chunk=128):
         self.fns, self.chunk = fns, int(chunk)
-        self._jac = tf.function(lambda w, x: _flat(jacobian(fns, w, x)), reduce_retracing=True)
+        self._jac = tf.function(lambda w, x: flat_jacobian(fns, w, x), reduce_retracing=True)
 
     def __call__(self, weights, feats, mask):
         batch, n = feats.shape[0], feats.shape[1]

@@ -16,16 +16,12 @@ its best candidate loss was 0.88-1.47 against Euler's 0.62.
 
 import tensorflow as tf
 
+from ntkdfl_tf.kernels import losses
+
 
 def as_operator(h):
     """``h`` as a callable ``v [B, N, K] -> H v``: a kernel tensor, or already a callable."""
     return h if callable(h) else (lambda v: tf.matmul(h, v))
-
-
-def residual(f, y, loss):
-    if loss == "cross_entropy":
-        return tf.nn.softmax(f) - y
-    return (f - y) / tf.cast(tf.shape(y)[-1], f.dtype)
 
 
 def lambda_max(h, iterations=30, mask=None):
@@ -58,14 +54,6 @@ def euler_substeps(h, n, eta, iterations=30, mask=None):
     return tf.maximum(1, tf.cast(tf.math.ceil(tf.reduce_max(lam) * eta / 2.0), tf.int32))
 
 
-def residual_jvp(f, v, loss):
-    """The residual's Jacobian applied to ``v``: S(f) v, per sample (S = softmax's Jacobian)."""
-    if loss == "cross_entropy":
-        p = tf.nn.softmax(f)
-        return p * v - p * tf.reduce_sum(p * v, -1, keepdims=True)
-    return v / tf.cast(tf.shape(v)[-1], v.dtype)
-
-
 def flow_stiffness(h, f, mask, n, loss="cross_entropy", iterations=30, start=None):
     """Largest eigenvalue of the flow's Jacobian at ``f``, (1/N) H S(f), by power iteration.
 
@@ -76,16 +64,17 @@ def flow_stiffness(h, f, mask, n, loss="cross_entropy", iterations=30, start=Non
 
     Args:
         h: kernels [B, N, N] or a callable ``v -> H v``. f: logits [B, N, C]. mask: [B, N].
-        n: real samples per client [B]. loss: ``"cross_entropy"`` or ``"mse"``.
+        n: real samples per client [B].
+        loss: a ``losses`` object or its name (``"cross_entropy"``, ``"mse"``).
         iterations: power iterations (static unroll).
         start: optional start vector [B, N, C] (e.g. the last call's, to track a moving f).
 
     Returns:
         ``(mu, v)``: [B] estimates of the largest eigenvalue and the [B, N, C] iterate.
     """
-    apply = as_operator(h)
+    apply, loss = as_operator(h), losses.get(loss)
     m, scale = mask[..., None], (1.0 / n)[:, None, None]
-    jacobian_product = lambda v: scale * apply(residual_jvp(f, v, loss) * m)
+    jacobian_product = lambda v: scale * apply(loss.residual_jvp(f, v) * m)
     # off the softmax's null direction (constant across classes), on every sample
     default = m * (1.0 + 0.1 * tf.cast(tf.range(tf.shape(f)[-1]), f.dtype))
     if start is None:
@@ -128,15 +117,10 @@ def adaptive_euler_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rech
     record = tf.constant([[float(e == t) for t in taus] for e in ends])  # [S, T]
     ends_t = tf.constant(ends, tf.int32)
     m, apply, scale = mask[..., None], as_operator(h), (1.0 / n)[:, None, None]
+    loss = losses.get(loss)
     bound = euler_substeps(h, n, eta, mask=mask)
     _, v = flow_stiffness(h, f0, mask, n, loss)  # converge once; segments refine it
-
-    def flow_loss(f):
-        if loss == "cross_entropy":
-            per_sample = -tf.reduce_sum(y * tf.nn.log_softmax(f), -1)
-        else:
-            per_sample = tf.reduce_sum(tf.square(f - y), -1) / (2 * tf.cast(tf.shape(y)[-1], f.dtype))
-        return tf.reduce_sum(per_sample * mask, -1) / n
+    flow_loss = lambda f: loss.mean(f, y, mask)
 
     def segment(i, start, f, acc, v, rs, fs, steps, last_loss, monotone):
         mu, v = flow_stiffness(h, f, mask, n, loss, iterations=5, start=v)
@@ -145,7 +129,7 @@ def adaptive_euler_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rech
         dt = eta / tf.cast(sub, f.dtype)
 
         def micro_step(k, f, acc):  # the residual at a grid point enters R
-            r = residual(f, y, loss) * m
+            r = loss.residual(f, y) * m
             acc = acc + tf.cast(k % sub == 0, f.dtype) * r
             return k + 1, f - dt * scale * apply(r), acc
 
@@ -176,21 +160,21 @@ def euler_flow(h, f0, y, mask, n, eta, taus, substeps, loss="cross_entropy",
         f0: initial logits [B, N, C]. y: one-hot labels [B, N, C]. mask: [B, N].
         n: real samples per client [B] (float). eta: grid step (scalar tensor).
         taus: increasing int32 candidate grid steps [T]. substeps: int32 scalar.
-        loss: ``"cross_entropy"`` or ``"mse"``.
+        loss: a ``losses`` object or its name (``"cross_entropy"``, ``"mse"``).
         record_outputs: also return f(tau*eta).
 
     Returns:
         ``(R, f)``: residual sums [T, B, N, C] and flow predictions f(tau*eta) [T, B, N, C]
         (None when ``record_outputs`` is False).
     """
-    m = mask[..., None]
+    m, loss = mask[..., None], losses.get(loss)
     apply = as_operator(h)
     scale = (1.0 / n)[:, None, None]
     dt = eta / tf.cast(substeps, f0.dtype)
 
     # Micro-step k; grid point s = k // substeps. The residual at a grid point enters R.
     def micro_step(k, f, acc):
-        r = residual(f, y, loss) * m
+        r = loss.residual(f, y) * m
         acc = acc + tf.cast(k % substeps == 0, f.dtype) * r
         return k + 1, f - dt * scale * apply(r), acc
 

@@ -1,0 +1,193 @@
+"""NTK-DFL's per-client work: kernel, flow, candidate updates and tau, for groups of receivers.
+
+One ``NTKDFLWorker`` per process or Ray actor owns the compiled evolution, the kernel and the
+data of the clients bound to it; ``run(EvolveContext, EvolveCall) -> EvolveResult``.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from ntkdfl_tf import kernels
+from ntkdfl_tf.algorithms import base
+from ntkdfl_tf.algorithms.ntkdfl import EvolveResult
+
+
+class NTKDFLWorker(base.Worker):
+    """Evolves groups of clients from their averaged weights and received packages."""
+
+    def __init__(self, algorithm, fns):
+        super().__init__(algorithm, fns)
+        self.loss = kernels.losses.get(algorithm.loss)
+        self.kernel = kernels.make_kernel(fns, algorithm.kernel, chunk=algorithm.jacobian_chunk)
+        self.matrix_free = hasattr(self.kernel, "operator")
+        self.explicit = algorithm.packages == "explicit"
+        self._evolve = tf.function(self._evolve_slice, reduce_retracing=True,
+                                   jit_compile=algorithm.jit_compile)
+        if self.explicit:
+            self._jacobians = tf.function(
+                lambda w, x: kernels.explicit.flat_jacobian(fns, w, x), reduce_retracing=True)
+        self._clients, self._slices = None, (None, None)
+
+    def bind(self, clients):
+        self._clients, self._slices = clients, (None, None)
+
+    def _round_slices(self, round_index, orders):
+        """This round's Jacobian-batching slices of the client data (built once per round)."""
+        if self._slices[0] != round_index:
+            self._slices = (round_index, slices_from_orders(self._clients, orders))
+        return self._slices[1]
+
+    def run(self, context, call):
+        """Evolves ``call.members``, slice after slice; returns an ``EvolveResult``."""
+        algorithm = self.algorithm
+        weights = [tf.constant(a) for a in call.weights]
+        current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
+        eta = tf.constant(context.eta, tf.float32)
+        bound = algorithm.substep_rule == "bound"
+        for part in self._round_slices(context.round_index, context.slice_orders):
+            feats, labels, mask = gather_neighbourhood(part, call.senders, call.valid)
+            received = self.receive(weights, feats, labels, mask) if self.explicit else None
+            if received is not None:
+                h = explicit_kernel(received.jacobians, mask)
+            else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
+                h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
+            args = (weights, current, feats, labels, mask, h, eta)
+            *result, monotone = self._evolve(*args, tf.constant(bound), received)
+            if not bound and not bool(monotone):  # the adaptive step was too long: redo safely
+                *result, _ = self._evolve(*args, tf.constant(True), received)
+                redone += 1
+            current, loss, tau_index, steps, flow_loss = result
+            losses.append(loss.numpy())
+            flow_losses.append(flow_loss.numpy())
+            taus.append(np.asarray(algorithm.taus)[tau_index.numpy()])
+            substeps.append(float(steps))
+        return EvolveResult([v.numpy() for v in current], np.mean(losses, 0), np.mean(taus, 0),
+                            substeps, np.mean(flow_losses, 0), redone)
+
+    def receive(self, weights, feats, labels, mask):
+        """The packages of one slice as explicit arrays, as their senders would form them.
+
+        Returns:
+            ``ReceivedPackages``: per receiver the stacked Jacobians ``[B, N, C, P]`` at its
+            averaged weights, logits ``[B, N, C]`` there and class ids ``[B, N]``, zero at
+            padding.
+        """
+        m = tf.cast(mask, tf.float32)
+        jac = tf.stack([self._jacobians([v[b] for v in weights], feats[b])
+                        for b in range(int(feats.shape[0]))])
+        logits = self.fns.forward(weights, feats)
+        ids = tf.argmax(labels, -1, output_type=tf.int32) * tf.cast(m, tf.int32)
+        return ReceivedPackages(jac * m[:, :, None, None], logits * m[..., None], ids)
+
+    def _evolve_slice(self, linearised, weights, feats, labels, mask, h, eta, bound_step,
+                      received):
+        """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``.
+
+        ``bound_step`` (bool tensor) picks the Euler step: the bound for any f, or the adaptive
+        one. ``received``: explicit packages (then J, the starting logits and the labels come
+        from them) or None. The last output says whether every flow loss was finite and
+        non-increasing.
+        """
+        algorithm, fns, loss = self.algorithm, self.fns, self.loss
+        n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
+        taus = tf.constant(algorithm.taus, tf.int32)
+        if self.matrix_free:
+            h = self.kernel.operator(linearised, feats, mask)
+        if received is None:
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(linearised)
+                f_lin = fns.forward(linearised, feats)
+        else:
+            f_lin = received.logits
+            labels = tf.one_hot(received.labels, fns.num_classes) * mask[..., None]
+        # with batching the slice starts from the current weights; the senders re-evaluate
+        f0 = f_lin if algorithm.jacobian_batches == 1 else fns.forward(weights, feats)
+        if loss.closed_form:
+            r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
+            substeps, monotone = tf.constant(0.0), tf.constant(True)
+        elif algorithm.substep_rule == "bound":
+            steps = kernels.euler_substeps(h, n, eta, mask=mask)
+            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, steps, loss)
+            substeps = tf.cast(steps, tf.float32)
+            monotone = tf.constant(True)
+        else:
+            r_sums, f_taus, substeps, monotone = kernels.adaptive_euler_flow(
+                h, f0, labels, mask, n, eta, algorithm.taus, loss, bound_step=bound_step)
+
+        candidates, cand_losses, flow_losses = [], [], []
+        for t in range(len(algorithm.taus)):  # a handful of candidates; each one VJP, one forward
+            cotangent = r_sums[t] * (eta / n)[:, None, None]
+            if received is None:
+                grads = tape.gradient(f_lin, linearised, output_gradients=cotangent)
+            else:
+                grads = unflatten(tf.einsum("bncp,bnc->bp", received.jacobians, cotangent),
+                                  linearised)
+            cand = [w - g for w, g in zip(weights, grads)]
+            candidates.append(cand)
+            cand_losses.append(loss.mean(fns.forward(cand, feats), labels, mask))
+            flow_losses.append(loss.mean(f_taus[t], labels, mask))  # what linearisation predicted
+        if received is None:
+            del tape
+        cand_losses = tf.stack(cand_losses)  # [T, B]
+        safe = tf.where(tf.math.is_finite(cand_losses), cand_losses, np.inf)
+        best = tf.argmin(safe, axis=0, output_type=tf.int32)  # [B]
+        new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
+               for v in range(len(weights))]
+        flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
+        return (new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best,
+                substeps, flow_loss, monotone)
+
+
+class ReceivedPackages(tf.experimental.ExtensionType):
+    """One slice's explicit packages, stacked per receiver (see ``NTKDFLWorker.receive``)."""
+
+    jacobians: tf.Tensor
+    logits: tf.Tensor
+    labels: tf.Tensor
+
+
+def explicit_kernel(jacobians, mask):
+    """H = (1/C) sum_c J_c J_c^T from stacked Jacobians ``[B, N, C, P]``, zero at padding."""
+    c = float(jacobians.shape[2])
+    m = tf.cast(mask, tf.float32)
+    return tf.einsum("bncp,bmcp->bnm", jacobians, jacobians) / c * m[:, :, None] * m[:, None, :]
+
+
+def unflatten(flat, like):
+    """``[B, P]`` -> tensors shaped like ``like`` (a list of ``[B, *shape]``)."""
+    sizes = [int(np.prod(v.shape[1:])) for v in like]
+    return [tf.reshape(part, tf.shape(v)) for part, v in zip(tf.split(flat, sizes, axis=1), like)]
+
+
+def slices_from_orders(clients, orders):
+    """The slices (ClientTensors each) that ``slice_orders`` describes; ``[clients]`` for None."""
+    if orders is None:
+        return [clients]
+    if clients.ids is not None:  # orders deal every client; these tensors hold some
+        orders = orders[:, clients.ids]
+    feats, labels, mask = (base.append_zero_row(t) for t in
+                           (clients.features, clients.labels, clients.mask))
+    parts = []
+    for idx in orders:
+        idx = tf.constant(idx, tf.int32)
+        part_mask = tf.gather(mask, idx, batch_dims=1)
+        parts.append(base.ClientTensors(tf.gather(feats, idx, batch_dims=1),
+                                        tf.gather(labels, idx, batch_dims=1), part_mask,
+                                        part_mask.numpy().sum(1).astype(np.int64),
+                                        clients.ids))
+    return parts
+
+
+def gather_neighbourhood(clients, index, valid):
+    """Stacks each client's closed-neighbourhood data: ``[B, S * n_max, ...]`` and masks."""
+    index = tf.convert_to_tensor(clients.rows(index))
+    batch, slots = index.shape
+    n_max = clients.features.shape[1]
+
+    def stack(t):
+        g = tf.gather(t, index)  # [B, S, n_max, ...]
+        return tf.reshape(g, [batch, slots * n_max] + list(t.shape[2:]))
+
+    slot_mask = tf.repeat(tf.convert_to_tensor(valid, tf.float32), n_max, axis=1)
+    mask = stack(clients.mask) * slot_mask
+    return stack(clients.features), stack(clients.labels) * mask[..., None], mask

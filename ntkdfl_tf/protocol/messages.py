@@ -1,0 +1,123 @@
+"""Message types: what one client sends another in a round, with its exact size in bytes.
+
+``WeightsMessage`` carries one client's model weights (its own, or its neighbourhood average).
+``JacobianPackage`` is NTK-DFL's reply to a neighbour's averaged weights: the Jacobians, logits
+and labels of the sender's samples evaluated at those weights. A package may be *lazy*: in
+simulation the receiver's worker evaluates it from the sender's samples when it needs it (so the
+closed-form kernel never forms J); its ``specs`` still describe the arrays it stands for, so
+``nbytes`` is the same lazy or materialised, and ``materialise`` fills it in.
+"""
+
+import dataclasses
+import typing
+
+import numpy as np
+
+
+class ArraySpec(typing.NamedTuple):
+    """Shape and dtype of one array a message carries."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeightsMessage:
+    """Model weights from ``sender`` to ``receiver``.
+
+    Attributes:
+        sender, receiver: client ids.
+        weights: one NumPy array per trainable variable (views of the sender's stacked row).
+    """
+
+    sender: int
+    receiver: int
+    weights: tuple
+
+    @property
+    def nbytes(self):
+        return int(sum(w.nbytes for w in self.weights))
+
+
+def package_specs(num_samples, num_classes, variable_shapes):
+    """The arrays of a package of ``num_samples`` samples, in order.
+
+    Jacobians ``[n, C, *shape]`` float32 per trainable variable, logits ``[n, C]`` float32 and
+    labels ``[n]`` int32 (class ids).
+    """
+    n, c = int(num_samples), int(num_classes)
+    specs = [ArraySpec((n, c) + tuple(s), np.dtype(np.float32)) for s in variable_shapes]
+    return tuple(specs + [ArraySpec((n, c), np.dtype(np.float32)),
+                          ArraySpec((n,), np.dtype(np.int32))])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class JacobianPackage:
+    """``sender``'s Jacobians, logits and labels at ``receiver``'s averaged weights.
+
+    Attributes:
+        sender, receiver: client ids.
+        specs: the arrays the package carries (``package_specs``).
+        jacobians: per trainable variable ``[n, C, *shape]``, or None while lazy.
+        logits: ``[n, C]`` at the receiver's averaged weights, or None while lazy.
+        labels: ``[n]`` int32 class ids, or None while lazy.
+    """
+
+    sender: int
+    receiver: int
+    specs: tuple
+    jacobians: tuple = None
+    logits: np.ndarray = None
+    labels: np.ndarray = None
+
+    @property
+    def lazy(self):
+        return self.jacobians is None
+
+    @property
+    def num_samples(self):
+        return int(self.specs[-1].shape[0])
+
+    @property
+    def nbytes(self):
+        if self.lazy:
+            return int(sum(s.nbytes for s in self.specs))
+        return int(sum(a.nbytes for a in (*self.jacobians, self.logits, self.labels)))
+
+    def materialise(self, jacobians, logits, labels):
+        """This package with its arrays filled in; they must match ``specs``.
+
+        Raises:
+            ValueError: an array of another shape or dtype than the package describes.
+        """
+        arrays = [np.asarray(a) for a in (*jacobians, logits, labels)]
+        got = [ArraySpec(a.shape, a.dtype) for a in arrays]
+        if got != list(self.specs):
+            raise ValueError(f"package {self.sender}->{self.receiver} describes {self.specs} "
+                             f"but was given arrays {got}.")
+        return dataclasses.replace(self, jacobians=tuple(arrays[:-2]), logits=arrays[-2],
+                                   labels=arrays[-1])
+
+
+def weights_messages(route, weights):
+    """One ``WeightsMessage`` per ``route[receiver, sender]``, carrying rows of ``weights``.
+
+    Args:
+        route: (K, K) boolean; entry (i, j) sends client j's row to client i.
+        weights: list of NumPy ``[K, *shape]`` arrays.
+    """
+    receivers, senders = np.nonzero(route)
+    return [WeightsMessage(int(j), int(i), tuple(w[j] for w in weights))
+            for i, j in zip(receivers, senders)]
+
+
+def heard_from(messages, num_clients):
+    """(K, K) boolean: entry (i, j) when client i received a message from client j."""
+    heard = np.zeros((num_clients, num_clients), bool)
+    if messages:
+        heard[[m.receiver for m in messages], [m.sender for m in messages]] = True
+    return heard

@@ -1,0 +1,155 @@
+"""Messages, the channel, and rounds in protocol terms: sizes by hand count, delivery, loss,
+lazy against explicit Jacobian packages."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ntkdfl_tf as nd
+from ntkdfl_tf import functional, protocol
+from ntkdfl_tf.algorithms import base
+
+
+def _pairs(num_clients=5, n=(6, 4, 5, 3, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 255, (n[k], 28, 28, 1)).astype(np.uint8),
+             rng.integers(0, 10, n[k])) for k in range(num_clients)]
+
+
+def small_mlp():
+    return nd.models.mlp(hidden=(8,))
+
+
+# -- messages ----------------------------------------------------------------------------------
+def test_message_sizes_are_hand_counts():
+    """The MLP 784-100-10 of NTK-DFL.md: 79,510 parameters; a package of 200 samples carries
+    200 x 10 x 79,510 Jacobian floats, 200 x 10 logits and 200 int32 labels."""
+    fns = functional.ModelFunctions(nd.models.mlp())
+    weights = [np.zeros(s, np.float32) for s in fns.shapes]
+    assert protocol.WeightsMessage(0, 1, tuple(weights)).nbytes == 79_510 * 4
+    package = protocol.JacobianPackage(3, 1, protocol.package_specs(200, 10, fns.shapes))
+    assert package.lazy
+    assert package.nbytes == 200 * 10 * 79_510 * 4 + 200 * 10 * 4 + 200 * 4
+    assert package.num_samples == 200
+
+
+def test_a_materialised_package_has_the_lazy_size_and_checks_its_arrays():
+    fns = functional.ModelFunctions(small_mlp())
+    lazy = protocol.JacobianPackage(2, 0, protocol.package_specs(3, 10, fns.shapes))
+    x = tf.random.uniform([3, 28, 28, 1]) * 255
+    weights = [tf.constant(w) for w in fns.initial_weights()]
+    jac = nd.kernels.jacobian(fns, weights, fns.features(x))
+    logits = fns.forward([w[None] for w in weights], fns.features(x))[0]
+    full = lazy.materialise([j.numpy() for j in jac], logits.numpy(), np.array([1, 2, 3], np.int32))
+    assert not full.lazy and full.nbytes == lazy.nbytes
+    assert full.nbytes == sum(a.nbytes for a in (*full.jacobians, full.logits, full.labels))
+    with pytest.raises(ValueError, match="describes"):
+        lazy.materialise([j.numpy() for j in jac], logits.numpy(), np.array([1, 2, 3]))  # int64
+
+
+# -- the channel -------------------------------------------------------------------------------
+def test_default_channel_delivers_every_message_unchanged_and_counts_its_bytes():
+    weights = [np.arange(12, dtype=np.float32).reshape(4, 3)]
+    route = nd.topology.Ring().draw(4)
+    sent = protocol.weights_messages(route, weights)
+    channel = protocol.Channel().round(4, np.random.default_rng(0))
+    delivery = channel.deliver(sent)
+    assert delivery.unchanged and all(a is b for a, b in zip(delivery.messages, sent))
+    assert channel.bytes_delivered == 8 * 3 * 4  # 8 directed edges of a 4-ring, 3 floats each
+    np.testing.assert_array_equal(protocol.heard_from(delivery.messages, 4), route)
+    for m in sent:  # each message carries its sender's row
+        np.testing.assert_array_equal(m.weights[0], weights[0][m.sender])
+
+
+def test_lost_links_lose_every_message_over_them():
+    rng = np.random.default_rng(3)
+    channel = protocol.Channel(message_loss=0.5).round(6, rng)
+    working = np.random.default_rng(3).random((6, 6)) >= 0.5  # the draw the channel makes
+    everyone = ~np.eye(6, dtype=bool)
+    weights = [np.ones((6, 2), np.float32)]
+    delivered = channel.deliver(protocol.weights_messages(everyone, weights)).messages
+    np.testing.assert_array_equal(protocol.heard_from(delivered, 6), everyone & working)
+    again = channel.deliver(protocol.weights_messages(everyone, weights)).messages
+    assert [(m.sender, m.receiver) for m in again] == [(m.sender, m.receiver) for m in delivered]
+    assert channel.bytes_delivered == 2 * len(delivered) * 2 * 4
+
+
+@pytest.mark.parametrize("loss", [-0.1, 1.0, "x"])
+def test_bad_message_loss_is_refused(loss):
+    with pytest.raises(ValueError, match="message_loss"):
+        protocol.Channel(message_loss=loss)
+
+
+def test_averaging_changed_messages_sums_what_arrived():
+    """The receiver's average of delivered arrays (the path codecs and adversaries will take)
+    equals the mixing product when the arrays are the senders' own rows."""
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(5, 3, 2)).astype(np.float32), rng.normal(size=(5, 2))
+               .astype(np.float32)]
+    route = nd.topology.RandomGraph(2).draw(5, rng)
+    sent = protocol.weights_messages(route, weights)
+    tensors = [tf.constant(w) for w in weights]
+    fast = base.average_received(tensors, protocol.Delivery(sent, True))
+    summed = base.average_received(tensors, protocol.Delivery(sent, False))
+    for a, b, w in zip(fast, summed, weights):
+        ref = np.stack([(w[i] + w[route[i]].sum(0)) / (route[i].sum() + 1) for i in range(5)])
+        np.testing.assert_allclose(a.numpy(), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.numpy(), ref, rtol=1e-5, atol=1e-6)
+    replaced = [protocol.WeightsMessage(m.sender, m.receiver, tuple(np.zeros_like(a)
+                                                                    for a in m.weights))
+                for m in sent]
+    zeroed = base.average_received(tensors, protocol.Delivery(replaced, False))[0].numpy()
+    np.testing.assert_allclose(zeroed, weights[0] / (route.sum(1) + 1)[:, None, None], rtol=1e-6)
+
+
+# -- rounds as messages ------------------------------------------------------------------------
+def _fit(algorithm, pairs, rounds=1, channel=None, topology=None):
+    trainer = nd.DecentralizedTrainer(small_mlp, algorithm, topology or nd.topology.Ring(),
+                                      seed=0, channel=channel)
+    history = trainer.fit(pairs, rounds=rounds, verbose=0)
+    return trainer, history.history
+
+
+@pytest.mark.parametrize("per_round_averaging", [True, False])
+def test_ntkdfl_bytes_sent_is_the_hand_count_of_its_messages(per_round_averaging):
+    pairs = _pairs()
+    counts = np.array([len(y) for _, y in pairs])
+    trainer, h = _fit(nd.algorithms.NTKDFL(taus=(2, 4), per_round_averaging=per_round_averaging),
+                      pairs)
+    p, c = trainer.fns.num_params, 10
+    edges = 2 * 5  # a 5-ring: every client sends to both neighbours
+    weights = edges * p * 4 * (2 if per_round_averaging else 1)  # weights, then w_bar back
+    packages = sum(2 * n * (c * p + c) * 4 + 2 * n * 4 for n in counts)  # each to 2 neighbours
+    assert h["bytes_sent"] == [float(weights + packages)]
+
+
+def test_dfedavg_bytes_sent_is_the_hand_count_of_its_messages():
+    trainer, h = _fit(nd.algorithms.get("dfedavg", local_epochs=1), _pairs(), rounds=2)
+    assert h["bytes_sent"] == [2 * 5 * trainer.fns.num_params * 4.0] * 2
+
+
+def test_a_lossy_channel_changes_what_clients_compute_and_send():
+    pairs = _pairs()
+    algorithm = nd.algorithms.NTKDFL(taus=(2, 4))
+    clean, hc = _fit(algorithm, pairs, rounds=2)
+    lossy, hl = _fit(algorithm, pairs, rounds=2, channel=protocol.Channel(message_loss=0.5))
+    assert all(b < a for a, b in zip(hc["bytes_sent"], hl["bytes_sent"]))
+    assert not np.allclose(clean.client_weights[0].numpy(), lossy.client_weights[0].numpy())
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(loss="mse"), dict(jacobian_batches=2, client_batch=2),
+    dict(per_round_averaging=False, substep_rule="bound")],
+    ids=["cross_entropy", "mse", "batched", "ablation_bound"])
+def test_explicit_packages_give_the_lazy_update(options):
+    """Packages formed as arrays (J, logits, labels) and the lazy path (J never formed) give the
+    same round: same chosen tau, same weights up to float32 rounding."""
+    pairs = _pairs()
+    lazy, hl = _fit(nd.algorithms.NTKDFL(taus=(3, 8, 20), **options), pairs, rounds=2)
+    explicit, he = _fit(nd.algorithms.NTKDFL(taus=(3, 8, 20), packages="explicit", **options),
+                        pairs, rounds=2)
+    assert hl["tau"] == he["tau"] and hl["bytes_sent"] == he["bytes_sent"]
+    for a, b, w0 in zip(lazy.client_weights, explicit.client_weights, lazy.initial_weights):
+        moved = np.abs(a.numpy() - w0[None]).max()
+        assert moved > 1e-4  # the round did something
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4 * max(moved, 1.0), rtol=1e-3)
