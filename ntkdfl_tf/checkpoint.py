@@ -1,10 +1,11 @@
 """Checkpoints: the whole trainer state needed to continue a run bit for bit.
 
-A checkpoint holds every client's weights, the algorithm's state (momentum buffers and the
-like, whatever ``Algorithm.init`` returns), the number of finished rounds, the root seed, the
-table of derived random streams and any other JSON-able entries of the state (a run's
-configuration, say). The streams are keyed by (root seed, stream, round), so the seed and the
-round fix every later draw (topology, sampling, failures) exactly.
+A checkpoint holds every client's weights, the number of finished rounds, the root seed, the
+table of derived random streams and any other JSON-able entries of the state (the run's
+configuration fingerprint). No algorithm keeps state between rounds (the baselines' momentum
+buffers start at zero every round, as in the reference). The streams are keyed by (root seed,
+stream, round), so the seed and the round fix every later draw (topology, sampling, failures,
+channel) exactly.
 
 Files. ``<logdir>/checkpoint.npz`` is the newest checkpoint and ``checkpoint.prev.npz`` the one
 before it. A save writes the new file atomically (``ntkdfl_tf.io.atomic_path``: temporary
@@ -16,8 +17,8 @@ the newest is damaged (a copy cut short, bytes changed on disk). Deleting ``chec
 starts afresh: the previous file is a backup of it, never resumed from on its own.
 
 Layout (format 2). A zip (stored, not compressed; ``np.load`` opens it) of ``meta.json``
-(``{"format", "num_weights", "num_algorithm_arrays", "state"}``, ``state`` being the JSON-able
-entries), ``weight_<i>.npy``, ``algorithm_<i>.npy``, and last ``sha256.txt``: the SHA-256 of
+(``{"format", "num_weights", "state"}``, ``state`` being the JSON-able entries),
+``weight_<i>.npy``, and last ``sha256.txt``: the SHA-256 of
 every other member's name and bytes, in order. ``load`` reads every byte and checks the digest,
 so a truncated file or a flipped byte anywhere in the arrays or the metadata raises
 ``CheckpointError`` naming the file. Format-1 files (one ``meta.npy``, no digest) are refused
@@ -38,7 +39,7 @@ from ntkdfl_tf.io import atomic_open, atomic_path
 
 FORMAT = 2
 NAME = "checkpoint.npz"
-_ARRAYS = ("weights", "algorithm_state")
+_ARRAYS = ("weights",)
 _DIGEST = "sha256.txt"
 _FRESH = "delete it, or start afresh with --noresume"
 
@@ -76,8 +77,7 @@ def _meta_json(state):
             raise TypeError(f"The state entry {key!r} cannot be stored in a checkpoint ({e}); "
                             "keep extra entries to JSON types (dict, list, str, number, bool, "
                             "None).") from e
-    meta = {"format": FORMAT, "num_weights": len(state["weights"]),
-            "num_algorithm_arrays": len(state["algorithm_state"]), "state": extra}
+    meta = {"format": FORMAT, "num_weights": len(state["weights"]), "state": extra}
     return json.dumps(meta, default=_numpy_scalar).encode()
 
 
@@ -96,13 +96,12 @@ def _members(state):
         ValueError: an array holds Python objects.
     """
     members = [("meta.json", _meta_json(state))]
-    for prefix, key in (("weight", "weights"), ("algorithm", "algorithm_state")):
-        for i, array in enumerate(state[key]):
-            array = np.asarray(array)
-            if array.dtype.hasobject:  # would need pickling, which load refuses (unsafe)
-                raise ValueError(f"state[{key!r}][{i}] holds Python objects (dtype object); "
-                                 "checkpoints store numeric arrays only.")
-            members.append((f"{prefix}_{i}.npy", array))
+    for i, array in enumerate(state["weights"]):
+        array = np.asarray(array)
+        if array.dtype.hasobject:  # would need pickling, which load refuses (unsafe)
+            raise ValueError(f"state['weights'][{i}] holds Python objects (dtype object); "
+                             "checkpoints store numeric arrays only.")
+        members.append((f"weight_{i}.npy", array))
     return members
 
 
@@ -123,7 +122,7 @@ def save(path, state, keep_previous=True):
 
     Args:
         path: the checkpoint file, normally ``<logdir>/checkpoint.npz``.
-        state: a dict with ``weights`` and ``algorithm_state`` (lists of arrays) and any other
+        state: a dict with ``weights`` (a list of arrays) and any other
             JSON-able entries (NumPy scalars are stored as Python numbers; tuples come back as
             lists).
         keep_previous: keep the checkpoint this save replaces as ``previous_path(path)``; pass
@@ -221,9 +220,7 @@ def _unpack(path, members):
         fmt = meta.get("format")
         if fmt == FORMAT:
             weights = [members[f"weight_{i}.npy"] for i in range(meta["num_weights"])]
-            algorithm = [members[f"algorithm_{i}.npy"]
-                         for i in range(meta["num_algorithm_arrays"])]
-            return dict(meta["state"], weights=weights, algorithm_state=algorithm)
+            return dict(meta["state"], weights=weights)
     except (KeyError, ValueError) as e:  # a file written by something other than save()
         raise CheckpointError(f"The checkpoint {path} lacks or garbles the entry {e}; "
                               f"{_FRESH}.") from e

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ntkdfl_tf import data, experiment
-from ntkdfl_tf.io import atomic_open
+from ntkdfl_tf.io import atomic_open, save_figure
 
 SUMMARY_FIELDS = ("run", "algorithm", "partition", "alpha", "num_neighbors", "topology",
                   "dropout", "per_round_averaging",
@@ -127,7 +127,7 @@ def plot(logdir, histories, rows=()):
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(logdir, fname)
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     paths += _plot_linearisation(plt, logdir, histories) + _plot_sweeps(plt, logdir, rows)
@@ -136,7 +136,7 @@ def plot(logdir, histories, rows=()):
 
 def _save(plt, fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return [path]
 

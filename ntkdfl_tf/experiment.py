@@ -69,13 +69,13 @@ class Config:
 
 
 PRESETS = {
-    # about a minute on 2 CPU cores (plus data preparation the first time), clearly learning.
+    # a quick run that clearly learns (its time on this machine: README, Results).
     "quick": dict(num_clients=30, rounds=5, logdir="runs/quick"),
     # The paper's headline setting: 300 clients of ~200 samples, alpha = 0.1, kappa = 5.
     "paper": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                   rounds=40, logdir="runs/paper"),
     # The paper's setting with the reference's Jacobian batching (m = 6) and XLA-compiled
-    # batches of 30 clients: the fastest configuration on a CPU (benchmarks/, README).
+    # batches of 30 clients: the fastest configuration measured on a CPU (README, Performance).
     "paper_fast": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                        rounds=40, jacobian_batches=6, client_batch=30, jit_compile=True,
                        logdir="runs/paper_fast"),

@@ -74,6 +74,13 @@ def atomic_path(path, suffix=".tmp"):
     _fsync(folder, directory=True)  # makes the rename itself survive a power cut
 
 
+def save_figure(figure, path, dpi=120):
+    """Saves a matplotlib figure atomically (the format from ``path``'s ending)."""
+    suffix = os.path.splitext(path)[1] or ".png"
+    with atomic_path(path, suffix=suffix) as tmp:
+        figure.savefig(tmp, dpi=dpi)
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="w", suffix=".tmp", **kwargs):
     """``open`` for writing through ``atomic_path``: yields the open temporary file.

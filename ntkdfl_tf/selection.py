@@ -7,8 +7,8 @@ offers that selection and the curves that judge it: test accuracy of the average
 k models against k, for the best-first, random and worst-first orders.
 
 Prefix averages come from cumulative sums over the client axis, and every averaged model is
-evaluated through the trainer's client-batched evaluation (``trainer.evaluate_models``). Clients that left the run (``Faults(leave=...)``) are never
-selected, ordered or averaged.
+evaluated through the trainer's client-batched evaluation (``trainer.evaluate_models``). Clients
+that left the run (``Faults(leave=...)``) are never selected, ordered or averaged.
 """
 
 import csv
@@ -17,7 +17,7 @@ import typing
 
 import numpy as np
 
-from ntkdfl_tf.io import atomic_open
+from ntkdfl_tf.io import atomic_open, save_figure
 
 SELECTIONS = ("all", "greedy_validation")
 ORDERS = ("best_first", "random", "worst_first")
@@ -411,6 +411,6 @@ def plot(path, report):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path

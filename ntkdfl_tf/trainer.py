@@ -15,10 +15,10 @@ from ntkdfl_tf.data.client_data import ClientData
 from ntkdfl_tf.errors import CheckpointError, DivergenceError
 from ntkdfl_tf.faults import Faults
 
-# Derived random streams: each is keyed by (root seed, stream, round), so a stream's draws do
-# not depend on how many draws another stream made, and a resumed run needs only the seed.
 EVAL_CHUNK = 2048  # test samples per forward pass
 DIVERGED_WEIGHT = 1e12  # a float32 weight this large means the run has blown up
+# Derived random streams: each is keyed by (root seed, stream, round), so a stream's draws do
+# not depend on how many draws another stream made, and a resumed run needs only the seed.
 STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 4, "channel": 5}
 
 
@@ -76,8 +76,7 @@ class DecentralizedTrainer:
             raise TypeError(f"algorithm must be an ntkdfl_tf.algorithms object, got {algorithm!r}.")
         if not hasattr(topology, "draw"):
             raise TypeError(f"topology must be an ntkdfl_tf.topology object, got {topology!r}.")
-        if not isinstance(eval_batch, (int, np.integer)) or eval_batch < 1:
-            raise ValueError(f"eval_batch must be a positive integer, got {eval_batch!r}.")
+        base.positive_int("eval_batch", eval_batch)
         if faults is not None and not isinstance(faults, Faults):
             raise TypeError(f"faults must be an ntkdfl_tf.Faults or None, got {faults!r}.")
         channel = protocol.Channel() if channel is None else channel
@@ -99,12 +98,11 @@ class DecentralizedTrainer:
         self.fns = functional.ModelFunctions(model)
         self.initial_weights = self.fns.initial_weights()  # every client starts here
         self.client_weights = None  # list of [K, *shape] tensors once fit starts
-        self.state = None  # the algorithm's state (Algorithm.init_state), None if it has none
         self._data_fingerprint = None
         self.round = 0
         self.last_client_accuracy = None
-        # two shapes only (the aggregate, a client group): no relaxed trace, whose unknown
-        # client axis the generic forward cannot unroll
+        # one trace per group size (the aggregate, min(eval_batch, K) clients): no relaxed
+        # trace, whose unknown client axis the generic forward cannot unroll
         self._eval_fn = tf.function(self._eval_group)
 
     # -- data ---------------------------------------------------------------------------------
@@ -177,18 +175,11 @@ class DecentralizedTrainer:
         if self.faults is not None:
             self.faults.validate(k)
         if validation_data is not None:
-            x_val, y_val = validation_data
-            if len(x_val) == 0 or len(x_val) != len(y_val):
-                raise ValueError(f"validation_data needs matching, non-empty x and y; got "
-                                 f"{len(x_val)} and {len(y_val)} samples.")
-            self.check_inputs(x_val, "validation inputs")
-            self.check_labels(y_val, "validation labels")
-            val = (self.fns.features(x_val), tf.constant(np.asarray(y_val), tf.int64))
+            val = self.prepare_examples(*validation_data, what="validation")
         self.last_client_accuracy = None
         if self.client_weights is None or int(self.client_weights[0].shape[0]) != k:
             self.client_weights = [tf.constant(np.repeat(w[None], k, axis=0))
                                    for w in self.initial_weights]
-            self.state = self.algorithm.init_state(self.fns, k)
             self.round = 0
 
         self.executor.start(self.algorithm, tensors, fns=self.fns, model_fn=self.model_fn)
@@ -221,17 +212,17 @@ class DecentralizedTrainer:
                 active = self.faults.participants(k, r, stream_rng(self.seed, "failures", r))
                 graph = graph & active[:, None] & active[None, :]
             channel = self.channel.round(k, stream_rng(self.seed, "channel", r))
-            weights, state, logs = self.algorithm.run_round(
+            weights, logs = self.algorithm.run_round(
                 base.RoundInput(r, self.client_weights, graph, tensors.counts,
                                 int(tensors.mask.shape[1]), stream_rng(self.seed, "sampling", r),
-                                self.state, self.fns), channel, self.executor)
+                                self.fns), channel, self.executor)
             if active is not None:  # clients that sat out keep their weights
                 keep = tf.constant(active)
                 weights = [tf.where(tf.reshape(keep, [-1] + [1] * (w.shape.rank - 1)), w, old)
                            for w, old in zip(weights, self.client_weights)]
             logs = dict(logs, bytes_sent=float(channel.bytes_delivered))
             self._check_finite(weights, logs, r)
-            self.client_weights, self.state = weights, state
+            self.client_weights = weights
             logs["round_seconds"] = time.perf_counter() - t0
             logs.update(self.executor.round_stats())
             logs["client_weight_spread"] = client_weight_spread(self.client_weights)
@@ -297,9 +288,7 @@ class DecentralizedTrainer:
                 "algorithm": self.algorithm.name,
                 "num_clients": int(self.client_weights[0].shape[0]),
                 "config": self.configuration(),
-                "weights": [w.numpy() for w in self.client_weights],
-                "algorithm_state": [np.asarray(a) for a in tf.nest.flatten(self.state)
-                                    if a is not None]}
+                "weights": [w.numpy() for w in self.client_weights]}
 
     def set_state(self, state, source="the checkpoint"):
         """Restores ``get_state()`` output; the trainer must be in ``fit`` or after it.
@@ -327,13 +316,7 @@ class DecentralizedTrainer:
         if [tuple(w.shape) for w in state["weights"]] != shapes:
             raise CheckpointError(f"{source} holds weights of another model (shapes "
                                   f"{[w.shape for w in state['weights']]}, this model {shapes}).")
-        structure = [a for a in tf.nest.flatten(self.state) if a is not None]
-        if len(structure) != len(state["algorithm_state"]):
-            raise CheckpointError(f"{source} holds another algorithm state layout.")
         self.client_weights = [tf.constant(w) for w in state["weights"]]
-        if structure:
-            self.state = tf.nest.pack_sequence_as(
-                self.state, [tf.constant(a) for a in state["algorithm_state"]])
         self.round = int(state["round"])
         self._set_model_to_aggregate()
 
@@ -453,8 +436,4 @@ class DecentralizedTrainer:
         Returns:
             Dict ``"owner.attribute" -> traces``.
         """
-        counts = {f"trainer.{name}": int(value.experimental_get_tracing_count())
-                  for name, value in vars(self).items()
-                  if hasattr(value, "experimental_get_tracing_count")}
-        counts.update(self.executor.tracing_counts())
-        return counts
+        return {**base.tracing_counts(trainer=self), **self.executor.tracing_counts()}

@@ -153,3 +153,47 @@ def test_explicit_packages_give_the_lazy_update(options):
         moved = np.abs(a.numpy() - w0[None]).max()
         assert moved > 1e-4  # the round did something
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4 * max(moved, 1.0), rtol=1e-3)
+
+
+class _Recorder:
+    """An executor that records NTK-DFL's calls and returns each member's averaged weights."""
+
+    def __init__(self):
+        self.calls = []
+
+    def map(self, context, calls):
+        from ntkdfl_tf.algorithms.ntkdfl import EvolveResult
+
+        self.calls += calls
+        b = len(calls[0].members)
+        return [EvolveResult(c.weights, np.zeros(b), np.ones(b), [1.0], np.zeros(b), 0)
+                for c in calls]
+
+
+def test_a_lost_request_costs_the_package_but_not_the_average():
+    """Links 1->0 and 1->2 broken. Weights: 0 and 2 never hear 1 (so never ask it); 1 hears
+    both and averages with them, but its requests travel the broken links, so it receives no
+    package. 0 and 2 ask each other and each receives the other's package."""
+    k = 3
+    fns = functional.ModelFunctions(small_mlp())
+    weights = [tf.constant(np.random.default_rng(0).normal(size=(k,) + s).astype(np.float32))
+               for s in fns.shapes]
+    working = np.ones((k, k), bool)  # [receiver, sender]
+    working[0, 1] = working[2, 1] = False
+    round_input = base.RoundInput(0, weights, ~np.eye(k, dtype=bool), np.array([4, 4, 4]), 4,
+                                  np.random.default_rng(0), fns)
+    channel, recorder = protocol.RoundChannel(working), _Recorder()
+    out = nd.algorithms.NTKDFL(taus=(2,)).run_round(round_input, channel, recorder)
+    own = [w.numpy() for w in weights]
+    for i, heard in {0: [2], 1: [0, 2], 2: [0]}.items():
+        for v, w in enumerate(own):
+            np.testing.assert_allclose(out.weights[v].numpy()[i], w[[i] + heard].mean(0),
+                                       rtol=1e-6, atol=1e-7)
+    packages_from = {int(c.members[b]): sorted(set(c.senders[b][c.valid[b] > 0].tolist())
+                                               - {int(c.members[b])})
+                     for c in recorder.calls for b in range(len(c.members))}
+    assert packages_from == {0: [2], 1: [], 2: [0]}
+    p = fns.num_params
+    package = 4 * (10 * p + 10) * 4 + 4 * 4  # 4 samples: Jacobians, logits, int32 labels
+    # weights over 4 of 6 links, requests 0->2 and 2->0, their two packages
+    assert channel.bytes_delivered == 4 * p * 4 + 2 * p * 4 + 2 * package

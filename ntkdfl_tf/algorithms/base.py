@@ -8,6 +8,8 @@ actor, owns the compiled functions, kernels and the clients' data that those cal
 
 import dataclasses
 import functools
+import hashlib
+import types
 import typing
 
 import numpy as np
@@ -66,7 +68,6 @@ class RoundInput(typing.NamedTuple):
         counts: real samples per client, NumPy int64 ``[K]``.
         max_samples: padded samples per client (``n_max``).
         rng: the round's ``sampling`` random stream.
-        state: the algorithm's state (``Algorithm.init_state``), None for stateless ones.
         fns: the model's ``ModelFunctions`` (shapes and class count for message sizes).
     """
 
@@ -76,7 +77,6 @@ class RoundInput(typing.NamedTuple):
     counts: np.ndarray
     max_samples: int
     rng: np.random.Generator
-    state: typing.Any
     fns: typing.Any
 
     @property
@@ -85,10 +85,14 @@ class RoundInput(typing.NamedTuple):
 
 
 class RoundOutput(typing.NamedTuple):
-    """A round's new client weights, state and flat logs (Python floats, always ``loss``)."""
+    """A round's new client weights and flat logs (Python floats, always ``loss``).
+
+    No algorithm carries state from round to round (the baselines' momentum buffers start at
+    zero every round, as in the reference); one that needs it would return it here, typed, and
+    the checkpoint would save it.
+    """
 
     weights: list
-    state: typing.Any
     logs: dict
 
 
@@ -112,12 +116,7 @@ class Worker:
 
     def tracing_counts(self):
         """``{"name": traces}`` of the worker's ``tf.function``s (growth means retracing)."""
-        counts = {}
-        for owner_name, owner in (("worker", self), ("kernel", getattr(self, "kernel", None))):
-            for name, value in (vars(owner) if owner is not None else {}).items():
-                if hasattr(value, "experimental_get_tracing_count"):
-                    counts[f"{owner_name}.{name}"] = int(value.experimental_get_tracing_count())
-        return counts
+        return tracing_counts(worker=self, kernel=getattr(self, "kernel", None))
 
 
 class Algorithm:
@@ -137,10 +136,6 @@ class Algorithm:
         """The worker that runs this algorithm's calls for the model behind ``fns``."""
         raise NotImplementedError
 
-    def init_state(self, fns, num_clients):
-        """The algorithm's state before round 0 (None: it has none)."""
-        return None
-
     def run_round(self, round_input, channel, executor):
         raise NotImplementedError
 
@@ -152,19 +147,65 @@ class Algorithm:
 
 
 def describe(value):
-    """A JSON-able, run-independent description of a configuration value."""
+    """A JSON-able, run-independent description of a configuration value.
+
+    Functions are described by name plus a digest of their code, constants and closure (two
+    different lambdas differ; the same one in another process does not); callable objects by
+    class and attributes; arrays as lists.
+
+    Raises:
+        TypeError: a value with no such description (say what it is in ``config`` instead).
+    """
     if isinstance(value, functools.partial):
         return {"function": describe(value.func), "args": [describe(a) for a in value.args],
                 "keywords": {k: describe(v) for k, v in value.keywords.items()}}
-    if callable(value):
-        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    if isinstance(value, (types.FunctionType, types.MethodType)):
+        name = f"{value.__module__}.{value.__qualname__}"
+        code = getattr(value, "__code__", None)
+        if code is None or "<" not in value.__qualname__:  # a named function: its name says it
+            return name
+        cells = [describe(c.cell_contents) for c in value.__closure__ or ()]
+        consts = [c if isinstance(c, (int, float, str, bytes, tuple, type(None)))
+                  else type(c).__name__ for c in code.co_consts]  # nested code: no address
+        text = repr((code.co_code, consts, cells, describe(list(value.__defaults__ or ()))))
+        return f"{name}#{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     if isinstance(value, (tuple, list)):
         return [describe(v) for v in value]
     if isinstance(value, dict):
         return {str(k): describe(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "config"):
+        return {"class": type(value).__name__, **describe(value.config)}
+    if hasattr(value, "__dict__"):
+        return {"class": type(value).__name__, **describe(vars(value))}
+    if hasattr(value, "name"):  # stateless objects such as losses
+        return {"class": type(value).__name__, "name": describe(value.name)}
+    raise TypeError(f"Cannot describe {value!r} for the run's configuration fingerprint; use "
+                    "plain numbers, strings, functions or objects with attributes.")
+
+
+def tracing_counts(**owners):
+    """``{"owner.attribute": traces}`` of every ``tf.function`` attribute of the owners."""
+    return {f"{owner_name}.{name}": int(value.experimental_get_tracing_count())
+            for owner_name, owner in owners.items() if owner is not None
+            for name, value in vars(owner).items()
+            if hasattr(value, "experimental_get_tracing_count")}
+
+
+def real_first_orders(counts, n_max, rng, repeats=None):
+    """Per client a random order of its sample indices, real samples first (int32).
+
+    Args:
+        counts: real samples per client ``[K]``; n_max: padded samples per client.
+        rng: the NumPy generator to draw from. repeats: None for one order per client
+            (``[K, n_max]``), else that many independent ones (``[repeats, K, n_max]``).
+    """
+    shape = (len(counts), n_max) if repeats is None else (repeats, len(counts), n_max)
+    keys = rng.random(shape) + (np.arange(n_max)[None] >= np.asarray(counts)[:, None])
+    return np.argsort(keys, axis=-1).astype(np.int32)
 
 
 def learning_rate_at(learning_rate, round_index):
@@ -221,12 +262,6 @@ def average_received(weights, delivery):
             np.add.at(total, receivers, np.stack([m.weights[v] for m in delivery.messages]))
         out.append(tf.constant(total / counts.reshape((-1,) + (1,) * (total.ndim - 1))))
     return out
-
-
-def masked_cross_entropy(logits, labels, mask):
-    """Mean cross-entropy over real samples, per client: ``[..., B, N, C] -> [..., B]``."""
-    per_sample = tf.nn.softmax_cross_entropy_with_logits(labels, logits) * mask
-    return tf.reduce_sum(per_sample, -1) / tf.maximum(tf.reduce_sum(mask, -1), 1.0)
 
 
 def append_zero_row(t):

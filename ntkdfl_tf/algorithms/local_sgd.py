@@ -94,8 +94,7 @@ class LocalSGD(base.Algorithm):
         k = len(counts)
         per_epoch = -(-n_max // self.batch_size)
         epochs = self.local_epochs if self.local_steps is None else -(-self.local_steps // per_epoch)
-        keys = rng.random((epochs, k, n_max)) + (np.arange(n_max)[None, None] >= counts[None, :, None])
-        order = np.argsort(keys, axis=-1).astype(np.int32)  # real samples first, shuffled
+        order = base.real_first_orders(counts, n_max, rng, repeats=epochs)
         pad = per_epoch * self.batch_size - n_max
         order = np.concatenate([order, np.full((epochs, k, pad), n_max, np.int32)], -1)
         steps = order.reshape(epochs, k, per_epoch, self.batch_size).transpose(0, 2, 1, 3)
@@ -113,9 +112,9 @@ class LocalSGD(base.Algorithm):
                  for g in groups]
         results = executor.map(TrainContext(lr), calls)
         losses = base.scatter_groups(groups, [res.loss for res in results], k, np.float64)
-        trained = [np.concatenate([res.weights[v][:g.real] for g, res in zip(groups, results)], 0)
+        trained = [base.scatter_groups(groups, [res.weights[v] for res in results], k)
                    for v in range(len(own))]
         delivery = channel.deliver(protocol.weights_messages(r.graph, trained))
         averaged = base.average_received([tf.constant(w) for w in trained], delivery)
         logs = {"loss": float(losses.mean()), "local_learning_rate": lr}
-        return base.RoundOutput(averaged, r.state, logs)
+        return base.RoundOutput(averaged, logs)

@@ -7,6 +7,7 @@ summed, so one gradient call yields every client's gradient.
 import tensorflow as tf
 
 from ntkdfl_tf.algorithms import base
+from ntkdfl_tf.kernels import losses
 from ntkdfl_tf.algorithms.local_sgd import TrainResult
 
 
@@ -36,7 +37,7 @@ class LocalSGDWorker(base.Worker):
     def _gradients(self, w, x, y, mask):
         with tf.GradientTape() as tape:
             tape.watch(w)
-            per_client = base.masked_cross_entropy(self.fns.forward(w, x), y, mask)
+            per_client = losses.CrossEntropy().mean(self.fns.forward(w, x), y, mask)
             total = tf.reduce_sum(per_client)
         return tape.gradient(total, w), per_client
 

@@ -3,8 +3,8 @@
 One round, as messages (every arrow through the round's channel):
 
     j --WeightsMessage(w_j)--> i          every edge j -> i of the round's graph
-    i: w_bar_i = mean over i and whom it heard from
-    i --WeightsMessage(w_bar_i)--> j      to every neighbour i heard from
+    i: w_bar_i = mean over i and whom it heard from (the ablation: w_bar_i = w_i, no first row)
+    i --WeightsMessage(w_bar_i)--> j      to every neighbour i heard from (ablation: the graph's)
     j --JacobianPackage at w_bar_i--> i   to every client whose averaged weights reached j
     i: kernel from the packages, flow, candidate updates, tau  (``NTKDFLWorker``)
 """
@@ -110,10 +110,11 @@ class NTKDFL(base.Algorithm):
             lambda_max(H/N)/2, safe for any f (``kernels.euler_substeps``).
         packages: how a receiver uses its Jacobian packages. ``"lazy"`` (default): the
             simulation evaluates what it needs from the senders' samples at w_bar (the
-            structured kernel never forms J). ``"explicit"``: each package's Jacobians, logits
-            and labels are formed as arrays (per Jacobian-batching slice) and the kernel, the
-            flow's start and the update J^T R are computed from those arrays alone; the same
-            update, for codecs that need J.
+            structured kernel never forms J). ``"explicit"``: every package is materialised
+            (Jacobians in chunks of ``jacobian_chunk`` samples, logits, labels; per
+            Jacobian-batching slice) and the kernel, the update J^T R, the labels and (without
+            batching) the flow's start come from its arrays; the same update, for codecs that
+            need J.
     """
 
     learning_rate: typing.Any = 0.01
@@ -220,7 +221,7 @@ class NTKDFL(base.Algorithm):
                 "flow_loss": float(np.mean(flow_losses)), "model_loss": float(np.mean(losses)),
                 "euler_substeps": float(np.mean(substeps)),
                 "flow_fallbacks": float(sum(res.redone for res in results))}
-        return base.RoundOutput([tf.constant(w) for w in new], round_input.state, logs)
+        return base.RoundOutput([tf.constant(w) for w in new], logs)
 
 
 def slice_orders(counts, n_max, m, rng):
@@ -232,8 +233,7 @@ def slice_orders(counts, n_max, m, rng):
     if m == 1:
         return None
     k = len(counts)
-    keys = rng.random((k, n_max)) + (np.arange(n_max)[None] >= np.asarray(counts)[:, None])
-    order = np.argsort(keys, axis=1).astype(np.int32)
+    order = base.real_first_orders(counts, n_max, rng)
     per_slice = -(-n_max // m)
     order = np.concatenate([order, np.full((k, per_slice * m - n_max), n_max, np.int32)], 1)
     return np.stack([order[:, j::m] for j in range(m)])

@@ -4,12 +4,25 @@ One ``NTKDFLWorker`` per process or Ray actor owns the compiled evolution, the k
 data of the clients bound to it; ``run(EvolveContext, EvolveCall) -> EvolveResult``.
 """
 
+import typing
+
 import numpy as np
 import tensorflow as tf
 
-from ntkdfl_tf import kernels
+from ntkdfl_tf import kernels, protocol
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.algorithms.ntkdfl import EvolveResult
+
+
+class SliceResult(typing.NamedTuple):
+    """One slice's evolution for a group of clients (tensors, ``[B]`` per client)."""
+
+    weights: list
+    loss: tf.Tensor
+    tau_index: tf.Tensor
+    substeps: tf.Tensor
+    flow_loss: tf.Tensor
+    monotone: tf.Tensor  # every flow loss finite and non-increasing (else: redo with the bound)
 
 
 class NTKDFLWorker(base.Worker):
@@ -24,8 +37,8 @@ class NTKDFLWorker(base.Worker):
         self._evolve = tf.function(self._evolve_slice, reduce_retracing=True,
                                    jit_compile=algorithm.jit_compile)
         if self.explicit:
-            self._jacobians = tf.function(
-                lambda w, x: kernels.explicit.flat_jacobian(fns, w, x), reduce_retracing=True)
+            self._jacobians = tf.function(lambda w, x: kernels.jacobian(fns, w, x),
+                                          reduce_retracing=True)
         self._clients, self._slices = None, (None, None)
 
     def bind(self, clients):
@@ -46,38 +59,59 @@ class NTKDFLWorker(base.Worker):
         bound = algorithm.substep_rule == "bound"
         for part in self._round_slices(context.round_index, context.slice_orders):
             feats, labels, mask = gather_neighbourhood(part, call.senders, call.valid)
-            received = self.receive(weights, feats, labels, mask) if self.explicit else None
-            if received is not None:
+            received = None
+            if self.explicit:
+                received = stack_packages(self.receive(call, weights, feats, labels, mask),
+                                          feats.shape[:2])
                 h = explicit_kernel(received.jacobians, mask)
             else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
                 h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
             args = (weights, current, feats, labels, mask, h, eta)
-            *result, monotone = self._evolve(*args, tf.constant(bound), received)
-            if not bound and not bool(monotone):  # the adaptive step was too long: redo safely
-                *result, _ = self._evolve(*args, tf.constant(True), received)
+            result = self._evolve(*args, tf.constant(bound), received)
+            if not bound and not bool(result.monotone):  # the adaptive step was too long: redo
+                result = self._evolve(*args, tf.constant(True), received)
                 redone += 1
-            current, loss, tau_index, steps, flow_loss = result
-            losses.append(loss.numpy())
-            flow_losses.append(flow_loss.numpy())
-            taus.append(np.asarray(algorithm.taus)[tau_index.numpy()])
-            substeps.append(float(steps))
+            current = result.weights
+            losses.append(result.loss.numpy())
+            flow_losses.append(result.flow_loss.numpy())
+            taus.append(np.asarray(algorithm.taus)[result.tau_index.numpy()])
+            substeps.append(float(result.substeps))
         return EvolveResult([v.numpy() for v in current], np.mean(losses, 0), np.mean(taus, 0),
                             substeps, np.mean(flow_losses, 0), redone)
 
-    def receive(self, weights, feats, labels, mask):
-        """The packages of one slice as explicit arrays, as their senders would form them.
+    def receive(self, call, weights, feats, labels, mask):
+        """One slice's Jacobian packages, materialised as their senders would form them.
+
+        Each member's package from each sender (its own samples included, in slot 0) holds
+        the Jacobians, logits and labels of the sender's real samples in this slice at the
+        member's averaged weights, computed ``jacobian_chunk`` samples at a time.
 
         Returns:
-            ``ReceivedPackages``: per receiver the stacked Jacobians ``[B, N, C, P]`` at its
-            averaged weights, logits ``[B, N, C]`` there and class ids ``[B, N]``, zero at
-            padding.
+            ``[(member_position, rows, JacobianPackage)]`` for every real slot: the package and
+            the rows of the slice's neighbourhood layout its samples occupy.
         """
-        m = tf.cast(mask, tf.float32)
-        jac = tf.stack([self._jacobians([v[b] for v in weights], feats[b])
-                        for b in range(int(feats.shape[0]))])
-        logits = self.fns.forward(weights, feats)
-        ids = tf.argmax(labels, -1, output_type=tf.int32) * tf.cast(m, tf.int32)
-        return ReceivedPackages(jac * m[:, :, None, None], logits * m[..., None], ids)
+        slots = call.senders.shape[1]
+        n = feats.shape[1] // slots
+        real = mask.numpy() > 0
+        ids = tf.argmax(labels, -1, output_type=tf.int32).numpy()
+        logits = self.fns.forward(weights, feats).numpy()
+        chunk = self.algorithm.jacobian_chunk
+        packages = []
+        for b in range(len(call.members)):
+            w = [v[b] for v in weights]
+            for s in np.flatnonzero(call.valid[b]):
+                rows = s * n + np.flatnonzero(real[b, s * n:(s + 1) * n])
+                parts = [self._jacobians(w, tf.gather(feats[b], rows[i:i + chunk]))
+                         for i in range(0, len(rows), chunk)]
+                jac = [np.concatenate([p[v].numpy() for p in parts]) if parts else
+                       np.zeros((0, self.fns.num_classes) + shape, np.float32)
+                       for v, shape in enumerate(self.fns.shapes)]
+                specs = protocol.package_specs(len(rows), self.fns.num_classes, self.fns.shapes)
+                package = protocol.JacobianPackage(int(call.senders[b, s]), int(call.members[b]),
+                                                   specs)
+                packages.append((b, rows, package.materialise(jac, logits[b, rows],
+                                                              ids[b, rows])))
+        return packages
 
     def _evolve_slice(self, linearised, weights, feats, labels, mask, h, eta, bound_step,
                       received):
@@ -93,7 +127,7 @@ class NTKDFLWorker(base.Worker):
         taus = tf.constant(algorithm.taus, tf.int32)
         if self.matrix_free:
             h = self.kernel.operator(linearised, feats, mask)
-        if received is None:
+        if received is None:  # lazy packages: evaluated here from the senders' samples
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(linearised)
                 f_lin = fns.forward(linearised, feats)
@@ -134,23 +168,37 @@ class NTKDFLWorker(base.Worker):
         new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
                for v in range(len(weights))]
         flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
-        return (new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best,
-                substeps, flow_loss, monotone)
+        return SliceResult(new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best,
+                           substeps, flow_loss, monotone)
 
 
 class ReceivedPackages(tf.experimental.ExtensionType):
-    """One slice's explicit packages, stacked per receiver (see ``NTKDFLWorker.receive``)."""
+    """One slice's delivered packages stacked per receiver, in the slice's row layout."""
 
-    jacobians: tf.Tensor
-    logits: tf.Tensor
-    labels: tf.Tensor
+    jacobians: tf.Tensor  # [B, N, C, P], zero at padding
+    logits: tf.Tensor  # [B, N, C]
+    labels: tf.Tensor  # [B, N] int32 class ids
+
+
+def stack_packages(packages, layout):
+    """``receive``'s packages -> ``ReceivedPackages`` of shape ``layout`` = (B, N) (rows
+    without a delivered sample stay zero)."""
+    first = packages[0][2]
+    c, p = first.logits.shape[1], sum(int(np.prod(j.shape[2:])) for j in first.jacobians)
+    jac = np.zeros(tuple(layout) + (c, p), np.float32)
+    logits = np.zeros(tuple(layout) + (c,), np.float32)
+    labels = np.zeros(tuple(layout), np.int32)
+    for b, rows, package in packages:
+        jac[b, rows] = np.concatenate([j.reshape(len(rows), c, -1) for j in package.jacobians], -1)
+        logits[b, rows], labels[b, rows] = package.logits, package.labels
+    return ReceivedPackages(tf.constant(jac), tf.constant(logits), tf.constant(labels))
 
 
 def explicit_kernel(jacobians, mask):
-    """H = (1/C) sum_c J_c J_c^T from stacked Jacobians ``[B, N, C, P]``, zero at padding."""
-    c = float(jacobians.shape[2])
+    """Each receiver's H from its stacked package Jacobians ``[B, N, C, P]``, zero at padding."""
     m = tf.cast(mask, tf.float32)
-    return tf.einsum("bncp,bmcp->bnm", jacobians, jacobians) / c * m[:, :, None] * m[:, None, :]
+    h = tf.stack([kernels.explicit.traced_kernel(j, j) for j in tf.unstack(jacobians)])
+    return h * m[:, :, None] * m[:, None, :]
 
 
 def unflatten(flat, like):

@@ -18,10 +18,11 @@ def make_executor(executor):
     if executor == "ray":
         from ntkdfl_tf.executors.ray import RayExecutor  # ray is an optional extra
         return RayExecutor()
-    if hasattr(executor, "map") and hasattr(executor, "start"):
+    if all(hasattr(executor, m) for m in ("start", "map", "round_stats", "tracing_counts")):
         return executor
     raise ValueError(f"Unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)} or "
-                     "pass an executor object (ntkdfl_tf.executors.RayExecutor(...)).")
+                     "pass an executor object with start, map, round_stats and tracing_counts "
+                     "(ntkdfl_tf.executors.RayExecutor(...)).")
 
 
 def __getattr__(name):  # RayExecutor without importing ray unless asked for

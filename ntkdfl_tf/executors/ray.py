@@ -29,6 +29,8 @@ import uuid
 import numpy as np
 import ray
 
+from ntkdfl_tf.algorithms import base
+
 
 @ray.remote
 class ClientShard:
@@ -62,8 +64,6 @@ class ClientShard:
 
     def call(self, token, setup, context, calls, own_ids, own_refs, read_ids, read_refs):
         import tensorflow as tf
-
-        from ntkdfl_tf.algorithms import base
 
         if token != self.token:
             self.worker, self.token, self.own_ids = self._build(setup), token, None
@@ -120,8 +120,7 @@ class RayExecutor:
 
     def __init__(self, num_actors=2, address=None, num_cpus=None, cpus_per_actor=1,
                  gpus_per_actor=0, max_restarts=3, threads_per_actor=None):
-        if not isinstance(num_actors, (int, np.integer)) or num_actors < 1:
-            raise ValueError(f"num_actors must be a positive integer, got {num_actors!r}.")
+        base.positive_int("num_actors", num_actors)
         if cpus_per_actor <= 0 or gpus_per_actor < 0:
             raise ValueError(f"cpus_per_actor must be > 0 and gpus_per_actor >= 0, got "
                              f"{cpus_per_actor!r} and {gpus_per_actor!r}.")
@@ -161,7 +160,7 @@ class RayExecutor:
         self._extra = [np.zeros(0, np.int64)] * len(self.actors)
 
     @staticmethod
-    def _call_clients(calls):
+    def _members_and_reads(calls):
         """Sorted global ids of the clients ``calls`` compute and of those whose data they read."""
         return (np.unique(np.concatenate([c.members for c in calls])).astype(np.int64),
                 np.unique(np.concatenate([c.reads for c in calls])).astype(np.int64))
@@ -184,7 +183,7 @@ class RayExecutor:
             if not len(block):
                 continue
             part = [calls[i] for i in block]
-            members, reads = self._call_clients(part)
+            members, reads = self._members_and_reads(part)
             if self._own[a] is None:  # this fit's first map: the actor's block
                 self._own[a] = members
                 self._data_bytes += int(self._client_bytes[members].sum())

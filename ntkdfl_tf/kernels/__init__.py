@@ -5,7 +5,7 @@ H [B,N,N]`` with H = (1/C) sum_c J_c J_c^T evaluated at each client's weights.
 
 kinds:
     ``"auto"`` (default): ``"dense"`` when the model is a Dense stack, else ``"explicit"``.
-    ``"dense"``: closed form for Dense stacks, never forms J (hundreds of times faster).
+    ``"dense"``: closed form for Dense stacks, never forms J (far cheaper: README, Performance).
     ``"explicit"``: per-sample Jacobians from ``tf.GradientTape.jacobian``, any Keras model.
     ``"matrix_free"``: Dense stacks; an operator ``v -> H v`` (``.operator(weights, feats,
         mask)``) with memory linear in N, for neighbourhoods whose H does not fit in memory.

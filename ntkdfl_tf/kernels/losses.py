@@ -54,9 +54,15 @@ LOSSES = {loss.name: loss for loss in (CrossEntropy(), SquaredError())}
 
 
 def get(loss):
-    """A loss object from its name (``"cross_entropy"``, ``"mse"``) or the object itself."""
-    if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+    """A loss object from its name (``"cross_entropy"``, ``"mse"``) or the object itself.
+
+    Raises:
+        ValueError: an unknown name, or an object without the loss interface.
+    """
+    if isinstance(loss, str) and loss in LOSSES:
         return LOSSES[loss]
-    return loss
+    if not isinstance(loss, str) and all(hasattr(loss, a) for a in
+                                         ("residual", "residual_jvp", "mean", "closed_form")):
+        return loss
+    raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)} (or pass an "
+                     "object with residual, residual_jvp, mean and closed_form).")

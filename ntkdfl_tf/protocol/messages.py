@@ -9,6 +9,7 @@ closed-form kernel never forms J); its ``specs`` still describe the arrays it st
 """
 
 import dataclasses
+import math
 import typing
 
 import numpy as np
@@ -22,7 +23,7 @@ class ArraySpec(typing.NamedTuple):
 
     @property
     def nbytes(self):
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
