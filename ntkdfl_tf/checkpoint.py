@@ -228,6 +228,25 @@ def _unpack(path, members):
                           f"{_FRESH}.")
 
 
+def check_same_run(state, expected, source):
+    """Raises CheckpointError unless ``state`` (from ``load``) is of the run ``expected``
+    describes: the basics (seed, algorithm, num_clients, streams) and ``state["config"]``
+    compared field by field with ``expected`` (``trainer.configuration()`` plus the basics);
+    the message names the first differing field."""
+    basics = ("seed", "algorithm", "num_clients", "streams")
+    mine = json.loads(json.dumps(expected))  # as it reads back from the file: lists, not tuples
+    theirs = {**{key: state.get(key) for key in basics}, **(state.get("config") or {})}
+    differing = [key for key in list(basics) + sorted(set(mine) | set(theirs))
+                 if mine.get(key) != theirs.get(key)]
+    if differing:
+        key = differing[0]
+        more = f" (and {len(differing) - 1} more differing fields)" if len(differing) > 1 else ""
+        raise CheckpointError(
+            f"{source} is of a run with {key}={theirs.get(key)!r}, this run has "
+            f"{mine.get(key)!r}{more}; use another logdir, or --noresume to start afresh "
+            "(overwriting it).")
+
+
 def load_latest(directory):
     """The newest readable checkpoint in ``directory``, falling back to the previous one.
 

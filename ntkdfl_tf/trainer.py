@@ -1,7 +1,5 @@
 """DecentralizedTrainer: the fit loop. One communication round is one Keras epoch."""
 
-import hashlib
-import json
 import time
 import warnings
 
@@ -9,10 +7,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ntkdfl_tf import executors, functional, protocol
+from ntkdfl_tf import checkpoint, executors, functional, protocol
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.data.client_data import ClientData
-from ntkdfl_tf.errors import CheckpointError, DivergenceError
+from ntkdfl_tf.errors import DivergenceError
 from ntkdfl_tf.faults import Faults
 
 EVAL_CHUNK = 2048  # test samples per forward pass
@@ -25,19 +23,6 @@ STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 
 def stream_rng(seed, stream, round_index=0):
     """The NumPy generator of ``stream`` at ``round_index`` under root ``seed``."""
     return np.random.default_rng([int(seed), STREAMS[stream], int(round_index)])
-
-
-def _jsonable(value):
-    """``value`` as it reads back from JSON (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(value))
-
-
-def data_fingerprint(clients):
-    """A short digest of the client data (samples, labels and their split over clients)."""
-    digest = hashlib.sha256()
-    for array in (clients.counts, clients.y, clients.x):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def client_weight_spread(weights):
@@ -122,7 +107,7 @@ class DecentralizedTrainer:
         feats = tf.reshape(feats, [k, n_max] + feats.shape[1:].as_list())
         mask = tf.constant(clients.mask)
         labels = tf.one_hot(clients.y, c) * mask[..., None]
-        self._data_fingerprint = data_fingerprint(clients)
+        self._data_fingerprint = clients.fingerprint()
         return base.ClientTensors(feats, labels, mask, clients.counts)
 
     def check_inputs(self, x, what):
@@ -298,24 +283,9 @@ class DecentralizedTrainer:
                 algorithm and its settings, topology, faults, channel, data, number of clients
                 or model); the message names the first differing field.
         """
-        basics = ("seed", "algorithm", "num_clients", "streams")
-        mine = _jsonable({"seed": self.seed, "algorithm": self.algorithm.name, "streams": STREAMS,
-                          "num_clients": int(self.client_weights[0].shape[0]),
-                          **self.configuration()})
-        theirs = {**{key: state.get(key) for key in basics}, **(state.get("config") or {})}
-        differing = [key for key in list(basics) + sorted(set(mine) | set(theirs))
-                     if mine.get(key) != theirs.get(key)]
-        if differing:
-            key = differing[0]
-            more = f" (and {len(differing) - 1} more differing fields)" if len(differing) > 1 else ""
-            raise CheckpointError(
-                f"{source} is of a run with {key}={theirs.get(key)!r}, this run has "
-                f"{mine.get(key)!r}{more}; use another logdir, or --noresume to start afresh "
-                "(overwriting it).")
-        shapes = [tuple(w.shape) for w in self.client_weights]
-        if [tuple(w.shape) for w in state["weights"]] != shapes:
-            raise CheckpointError(f"{source} holds weights of another model (shapes "
-                                  f"{[w.shape for w in state['weights']]}, this model {shapes}).")
+        checkpoint.check_same_run(state, {
+            "seed": self.seed, "algorithm": self.algorithm.name, "streams": STREAMS,
+            "num_clients": int(self.client_weights[0].shape[0]), **self.configuration()}, source)
         self.client_weights = [tf.constant(w) for w in state["weights"]]
         self.round = int(state["round"])
         self._set_model_to_aggregate()

@@ -168,19 +168,14 @@ class NTKDFL(base.Algorithm):
         r = round_input
         k = r.num_clients
         eta = base.learning_rate_at(self.learning_rate, r.index)
-        own = [w.numpy() for w in r.weights]
-        if self.per_round_averaging:
-            delivery = channel.deliver(protocol.weights_messages(r.graph, own))
-            averaged = [a.numpy() for a in base.average_received(r.weights, delivery)]
-            heard = protocol.heard_from(delivery.messages, k)
-        else:  # the ablation: each client evolves from its own weights
-            averaged, heard = own, r.graph
+        averaged, heard = self.average(r, channel)
         # i asks every neighbour it heard from for a package at w_bar_i ...
         requests = channel.deliver(protocol.weights_messages(heard.T, averaged))
         # ... and each neighbour the request reached replies with one
         packages = channel.deliver(self.packages_for(requests.messages, r.counts, r.fns))
         senders, valid = topology.neighbourhoods(
             protocol.heard_from(packages.messages, k))
+        del requests, packages  # the calls below carry what the round needs of them
         orders = slice_orders(r.counts, r.max_samples, self.jacobian_batches, r.rng)
         # contiguous groups, the same every round: a remote executor serves each block of
         # clients from the actor that holds their data
@@ -189,6 +184,19 @@ class NTKDFL(base.Algorithm):
                             valid[g.indices]) for g in groups]
         results = executor.map(EvolveContext(r.index, eta, orders), calls)
         return self.combine(r, groups, results, eta)
+
+    def average(self, round_input, channel):
+        """Every client's w_bar (NumPy) and whom it heard from: the weights messages j -> i.
+
+        The messages (views of a copy of every client's weights) are freed on return.
+        """
+        r = round_input
+        own = [w.numpy() for w in r.weights]
+        if not self.per_round_averaging:  # the ablation: each client evolves from its own
+            return own, r.graph
+        delivery = channel.deliver(protocol.weights_messages(r.graph, own))
+        averaged = [a.numpy() for a in base.average_received(r.weights, delivery)]
+        return averaged, protocol.heard_from(delivery.messages, r.num_clients)
 
     def packages_for(self, requests, counts, fns):
         """One lazy ``JacobianPackage`` in reply to each delivered request (its receiver)."""

@@ -1,6 +1,7 @@
 """ClientData: every client's samples as one padded, stacked array (no ragged Python lists)."""
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -41,6 +42,13 @@ class ClientData:
         for k in range(num_classes):
             counts[:, k] = ((self.y == k) * self.mask).sum(axis=1)
         return counts
+
+    def fingerprint(self):
+        """A short digest of the samples, labels and their split over clients."""
+        digest = hashlib.sha256()
+        for array in (self.counts, self.y, self.x):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
 
     @classmethod
     def from_indices(cls, x, y, indices):
