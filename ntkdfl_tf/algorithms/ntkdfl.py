@@ -24,11 +24,21 @@ PACKAGE_FORMS = ("lazy", "explicit")
 
 
 class EvolveContext(typing.NamedTuple):
-    """What every call of a round shares."""
+    """What every call of a round shares.
+
+    Attributes:
+        round_index, eta: the round and its grid step.
+        slice_orders: ``slice_orders`` deal ``[m, K, per_slice]``, None without batching.
+        codec: the packages' ``protocol.codecs.Codec``; its ``topk``/``quantize`` act on the
+            materialised packages in the worker.
+        seed: seed of this round's codec randomness (stochastic rounding).
+    """
 
     round_index: int
     eta: float
-    slice_orders: np.ndarray  # ``slice_orders`` deal [m, K, per_slice], None without batching
+    slice_orders: np.ndarray
+    codec: typing.Any = None
+    seed: int = 0
 
 
 class EvolveCall(typing.NamedTuple):
@@ -40,12 +50,15 @@ class EvolveCall(typing.NamedTuple):
         senders: ``[B, S]`` whose packages each member uses: itself first, then every client
             whose package reached it (``topology.neighbourhoods`` layout; padding repeats it).
         valid: ``[B, S]`` float32, 1 for a real slot.
+        keep: ``[B, S, n_max]`` float32, 1 for each sample a package carries (``subsample``);
+            None: every sample.
     """
 
     members: np.ndarray
     weights: list
     senders: np.ndarray
     valid: np.ndarray
+    keep: np.ndarray = None
 
     @property
     def reads(self):
@@ -175,14 +188,17 @@ class NTKDFL(base.Algorithm):
         packages = channel.deliver(self.packages_for(requests.messages, r.counts, r.fns))
         senders, valid = topology.neighbourhoods(
             protocol.heard_from(packages.messages, k))
+        keep = samples_kept(packages.messages, senders, valid, r.max_samples)
         del requests, packages  # the calls below carry what the round needs of them
         orders = slice_orders(r.counts, r.max_samples, self.jacobian_batches, r.rng)
         # contiguous groups, the same every round: a remote executor serves each block of
         # clients from the actor that holds their data
         groups = base.client_groups(k, min(self.client_batch, k))
         calls = [EvolveCall(g.indices, [a[g.indices] for a in averaged], senders[g.indices],
-                            valid[g.indices]) for g in groups]
-        results = executor.map(EvolveContext(r.index, eta, orders), calls)
+                            valid[g.indices], None if keep is None else keep[g.indices])
+                 for g in groups]
+        results = executor.map(EvolveContext(r.index, eta, orders, channel.codec, channel.seed),
+                               calls)
         return self.combine(r, groups, results, eta)
 
     def average(self, round_input, channel):
@@ -200,11 +216,11 @@ class NTKDFL(base.Algorithm):
 
     def packages_for(self, requests, counts, fns):
         """One lazy ``JacobianPackage`` in reply to each delivered request (its receiver)."""
-        specs = {}
+        specs, layout = {}, protocol.codecs.package_layout(fns)
         for n in {int(counts[m.receiver]) for m in requests}:
             specs[n] = protocol.package_specs(n, fns.num_classes, fns.shapes)
         return [protocol.JacobianPackage(sender=m.receiver, receiver=m.sender,
-                                         specs=specs[int(counts[m.receiver])])
+                                         specs=specs[int(counts[m.receiver])], layout=layout)
                 for m in requests]
 
     def combine(self, round_input, groups, results, eta):
@@ -230,6 +246,21 @@ class NTKDFL(base.Algorithm):
                 "euler_substeps": float(np.mean(substeps)),
                 "flow_fallbacks": float(sum(res.redone for res in results))}
         return base.RoundOutput([tf.constant(w) for w in new], logs)
+
+
+def samples_kept(packages, senders, valid, n_max):
+    """``[K, S, n_max]`` float32: 1 where slot (i, s)'s package carries that sample of its
+    sender (own data, slot 0, always whole); None when every package carries everything."""
+    if all(p.samples is None for p in packages):
+        return None
+    keep = np.repeat(valid[:, :, None], n_max, axis=2).astype(np.float32)
+    slot = {(int(i), int(j)): s for (i, s), j in np.ndenumerate(senders) if s > 0 and valid[i, s]}
+    for p in packages:
+        if p.samples is not None:
+            row = keep[p.receiver, slot[p.receiver, p.sender]]
+            row[:] = 0.0
+            row[p.samples] = 1.0
+    return keep
 
 
 def slice_orders(counts, n_max, m, rng):

@@ -4,6 +4,7 @@ One ``NTKDFLWorker`` per process or Ray actor owns the compiled evolution, the k
 data of the clients bound to it; ``run(EvolveContext, EvolveCall) -> EvolveResult``.
 """
 
+import dataclasses
 import typing
 
 import numpy as np
@@ -33,21 +34,27 @@ class NTKDFLWorker(base.Worker):
         self.loss = kernels.losses.get(algorithm.loss)
         self.kernel = kernels.make_kernel(fns, algorithm.kernel, chunk=algorithm.jacobian_chunk)
         self.matrix_free = hasattr(self.kernel, "operator")
-        self.explicit = algorithm.packages == "explicit"
         self._evolve = tf.function(self._evolve_slice, reduce_retracing=True,
                                    jit_compile=algorithm.jit_compile)
-        if self.explicit:
-            self._jacobians = tf.function(lambda w, x: kernels.jacobian(fns, w, x),
-                                          reduce_retracing=True)
+        self._jacobians = tf.function(lambda w, x: kernels.jacobian(fns, w, x),
+                                      reduce_retracing=True)  # traced only if packages are formed
         self._clients, self._slices = None, (None, None)
 
     def bind(self, clients):
         self._clients, self._slices = clients, (None, None)
 
     def _round_slices(self, round_index, orders):
-        """This round's Jacobian-batching slices of the client data (built once per round)."""
+        """This round's Jacobian-batching slices of the client data (built once per round),
+        each with the sample positions it takes from every held client."""
         if self._slices[0] != round_index:
-            self._slices = (round_index, slices_from_orders(self._clients, orders))
+            parts = slices_from_orders(self._clients, orders)
+            n_max = int(self._clients.mask.shape[1])
+            if orders is None:
+                positions = [np.broadcast_to(np.arange(n_max), (self._clients.num_clients, n_max))]
+            else:
+                positions = list(orders if self._clients.ids is None else
+                                 orders[:, self._clients.ids])
+            self._slices = (round_index, list(zip(parts, positions)))
         return self._slices[1]
 
     def run(self, context, call):
@@ -57,12 +64,24 @@ class NTKDFLWorker(base.Worker):
         current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
         eta = tf.constant(context.eta, tf.float32)
         bound = algorithm.substep_rule == "bound"
-        for part in self._round_slices(context.round_index, context.slice_orders):
-            feats, labels, mask = gather_neighbourhood(part, call.senders, call.valid)
+        codec = context.codec
+        explicit = algorithm.packages == "explicit" or (codec is not None and
+                                                         codec.changes_values)
+        rng = np.random.default_rng([context.seed, int(call.members[0])])
+        for part, positions in self._round_slices(context.round_index, context.slice_orders):
+            keep = None
+            if call.keep is not None:  # the samples each package carries, in this slice
+                padded = np.concatenate([call.keep, np.zeros_like(call.keep[..., :1])], -1)
+                rows = positions[part.rows(call.senders)]  # [B, S, per_slice]
+                keep = np.take_along_axis(padded, rows, axis=-1)
+            feats, labels, mask = gather_neighbourhood(part, call.senders, call.valid, keep)
             received = None
-            if self.explicit:
-                received = stack_packages(self.receive(call, weights, feats, labels, mask),
-                                          feats.shape[:2])
+            if explicit:
+                packages = self.receive(call, weights, feats, labels, mask)
+                if codec is not None and codec.changes_values:
+                    packages = [(b, rows, encode_package(codec, p, rng))
+                                for b, rows, p in packages]
+                received = stack_packages(packages, feats.shape[:2])
                 h = explicit_kernel(received.jacobians, mask)
             else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
                 h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
@@ -180,6 +199,12 @@ class ReceivedPackages(tf.experimental.ExtensionType):
     labels: tf.Tensor  # [B, N] int32 class ids
 
 
+def encode_package(codec, package, rng):
+    """The package as its receiver decodes it: ``topk``/``quantize`` on each Jacobian tensor."""
+    return dataclasses.replace(package, jacobians=tuple(
+        protocol.codecs.encode_values(codec, j, rng) for j in package.jacobians))
+
+
 def stack_packages(packages, layout):
     """``receive``'s packages -> ``ReceivedPackages`` of shape ``layout`` = (B, N) (rows
     without a delivered sample stay zero)."""
@@ -226,8 +251,11 @@ def slices_from_orders(clients, orders):
     return parts
 
 
-def gather_neighbourhood(clients, index, valid):
-    """Stacks each client's closed-neighbourhood data: ``[B, S * n_max, ...]`` and masks."""
+def gather_neighbourhood(clients, index, valid, keep=None):
+    """Stacks each client's closed-neighbourhood data: ``[B, S * n_max, ...]`` and masks.
+
+    ``keep`` (``[B, S, n_max]``, optional) masks out samples a package did not carry.
+    """
     index = tf.convert_to_tensor(clients.rows(index))
     batch, slots = index.shape
     n_max = clients.features.shape[1]
@@ -237,5 +265,7 @@ def gather_neighbourhood(clients, index, valid):
         return tf.reshape(g, [batch, slots * n_max] + list(t.shape[2:]))
 
     slot_mask = tf.repeat(tf.convert_to_tensor(valid, tf.float32), n_max, axis=1)
+    if keep is not None:
+        slot_mask = slot_mask * tf.reshape(tf.constant(keep, tf.float32), [batch, slots * n_max])
     mask = stack(clients.mask) * slot_mask
     return stack(clients.features), stack(clients.labels) * mask[..., None], mask

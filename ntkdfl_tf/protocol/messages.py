@@ -32,16 +32,21 @@ class WeightsMessage:
 
     Attributes:
         sender, receiver: client ids.
-        weights: one NumPy array per trainable variable (views of the sender's stacked row).
+        weights: one NumPy array per trainable variable (views of the sender's stacked row,
+            or what the receiver decodes when a codec encoded them).
+        codec: the ``codecs.Codec`` it travelled with; None: raw float32.
     """
 
     sender: int
     receiver: int
     weights: tuple
+    codec: typing.Any = None
 
     @property
     def nbytes(self):
-        return int(sum(w.nbytes for w in self.weights))
+        if self.codec is None:
+            return int(sum(w.nbytes for w in self.weights))
+        return self.codec.weights_nbytes([w.shape for w in self.weights])
 
 
 def package_specs(num_samples, num_classes, variable_shapes):
@@ -66,6 +71,9 @@ class JacobianPackage:
         jacobians: per trainable variable ``[n, C, *shape]``, or None while lazy.
         logits: ``[n, C]`` at the receiver's averaged weights, or None while lazy.
         labels: ``[n]`` int32 class ids, or None while lazy.
+        codec: the ``codecs.Codec`` it travels with (None: raw arrays), and ``layout`` the
+            model's ``codecs.PackageLayout`` (for the factored size).
+        samples: which of the sender's samples it carries (indices), None: all of them.
     """
 
     sender: int
@@ -74,6 +82,9 @@ class JacobianPackage:
     jacobians: tuple = None
     logits: np.ndarray = None
     labels: np.ndarray = None
+    codec: typing.Any = None
+    layout: typing.Any = None
+    samples: np.ndarray = None
 
     @property
     def lazy(self):
@@ -85,6 +96,9 @@ class JacobianPackage:
 
     @property
     def nbytes(self):
+        if self.codec is not None:  # the encoded payload, from the sizes alone
+            return self.codec.package_nbytes(self.num_samples, self.specs[-2].shape[1],
+                                             self.layout)
         if self.lazy:
             return int(sum(s.nbytes for s in self.specs))
         return int(sum(a.nbytes for a in (*self.jacobians, self.logits, self.labels)))
