@@ -5,6 +5,8 @@
     python launchers/compare.py --algorithms=ntk_dfl --num_neighbors=2,5,10 --topologies=random,ring
     python launchers/compare.py --algorithms=ntk_dfl --ablation
     python launchers/compare.py --algorithms=ntk_dfl,dfedavg --dropouts=0,0.1,0.3,0.5
+    python launchers/compare.py --algorithms=ntk_dfl,dfedavg --codecs='identity;factored' \
+        --weight_codecs='identity;quantize:bits=8'
 
 Writes <logdir>/<run>/history.csv, <logdir>/summary.csv, accuracy.png, accuracy_vs_bytes.png.
 """
@@ -16,7 +18,8 @@ from absl import app, flags, logging
 import run_flags
 from ntkdfl_tf import compare, experiment
 
-SWEPT = ("algorithm", "alpha", "num_neighbors", "topology", "dropout", "run_name", "save_dir")
+SWEPT = ("algorithm", "alpha", "num_neighbors", "topology", "dropout", "codec", "weight_codec",
+         "run_name", "save_dir")
 run_flags.define(skip=SWEPT)
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms to compare.")
 flags.DEFINE_list("alphas", None, "Dirichlet alphas to sweep, 'iid' for an IID partition "
@@ -25,8 +28,17 @@ flags.DEFINE_list("num_neighbors", None, "Random-graph degrees to sweep (default
 flags.DEFINE_list("topologies", None, "Topologies to sweep, e.g. random,ring (default: random).")
 flags.DEFINE_list("dropouts", None, "Client dropout probabilities to sweep (default: 0).")
 flags.DEFINE_boolean("ablation", False, "Also run NTK-DFL without per-round averaging.")
+flags.DEFINE_string("codecs", None, "NTK-DFL package codecs to sweep, separated by ';' "
+                    "(commas belong to codec parameters), e.g. 'identity;factored;"
+                    "subsample:fraction=0.25' (default: identity).")
+flags.DEFINE_string("weight_codecs", None, "Weight-message codecs to sweep, separated by ';', "
+                    "e.g. 'identity;quantize:bits=8' (default: identity).")
 flags.DEFINE_float("target_accuracy", 0.85, "Accuracy whose first round summary.csv reports.")
 FLAGS = flags.FLAGS
+
+
+def _codec_list(text):
+    return [c.strip() for c in (text or "").split(";") if c.strip()] or None
 
 
 def main(argv):
@@ -41,7 +53,9 @@ def main(argv):
                         num_neighbors=[int(k) for k in FLAGS.num_neighbors or []],
                         topologies=FLAGS.topologies, ablation=FLAGS.ablation,
                         target_accuracy=FLAGS.target_accuracy,
-                        dropouts=[float(p) for p in FLAGS.dropouts or []])
+                        dropouts=[float(p) for p in FLAGS.dropouts or []],
+                        codecs=_codec_list(FLAGS.codecs),
+                        weight_codecs=_codec_list(FLAGS.weight_codecs))
     except (ValueError, OSError, RuntimeError, ArithmeticError) as e:  # one clear line
         sys.exit(f"error: {e}")
 

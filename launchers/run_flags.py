@@ -45,6 +45,11 @@ _HELP = {
     "message_loss": "Probability that a directed link fails in a round (the channel loses "
                     "every message over it).",
     "leave": "Clients that leave for good, as client:round pairs, e.g. 3:5,7:10.",
+    "codec": "NTK-DFL Jacobian packages on the wire: identity, factored (lossless), "
+             "quantize:bits=8, topk:fraction=0.1, subsample:fraction=0.25, joined by + in "
+             "that order (subsample, factored, topk, quantize).",
+    "weight_codec": "Weight messages on the wire: identity, quantize:bits=8, topk:fraction=0.1 "
+                    "(or both, joined by +).",
     "resume": "Continue from <logdir>/checkpoint.npz if it exists (--noresume: start afresh).",
     "executor": "local (this process) or ray (Ray actors; pip install 'ntkdfl_tf[ray]').",
     "ray_address": "Ray cluster to join (auto, ray://host:10001); unset starts a local one.",
@@ -53,6 +58,7 @@ _HELP = {
     "save_dir": "Where the aggregated .keras model goes.",
     "run_name": "Model file name (default: the logdir's last part).",
     "verbose": "0 silent, 1 progress bar, 2 one line per round.",
+    "stop_at_accuracy": "Stop once the aggregated model reaches this test accuracy (0: never).",
 }
 
 

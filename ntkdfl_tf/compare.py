@@ -21,14 +21,15 @@ from ntkdfl_tf import data, experiment
 from ntkdfl_tf.io import atomic_open, save_figure
 
 SUMMARY_FIELDS = ("run", "algorithm", "partition", "alpha", "num_neighbors", "topology",
-                  "dropout", "per_round_averaging",
-                  "rounds", "rounds_to_target", "best_accuracy", "final_accuracy",
-                  "final_client_mean_accuracy", "aggregate_gain", "final_client_weight_spread",
-                  "total_bytes_sent", "wall_seconds")
+                  "dropout", "per_round_averaging", "codec", "weight_codec",
+                  "rounds", "rounds_to_target", "bytes_to_target", "best_accuracy",
+                  "final_accuracy", "final_client_mean_accuracy", "aggregate_gain",
+                  "final_client_weight_spread", "bytes_per_round", "total_bytes_sent",
+                  "wall_seconds")
 
 
 def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, ablation=False,
-         dropouts=None):
+         dropouts=None, codecs=None, weight_codecs=None):
     """The runs of a comparison: a list of ``(run_name, Config)``.
 
     Args:
@@ -38,17 +39,21 @@ def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, abl
             alpha of ``"iid"`` is an IID partition.
         ablation: also run NTK-DFL without per-round averaging.
         dropouts: client dropout probabilities to sweep (None: the base's value only).
+        codecs: Jacobian-package codecs to sweep (NTK-DFL runs; None: the base's).
+        weight_codecs: weight-message codecs to sweep (every algorithm; None: the base's).
     """
     alphas = alphas or [base.alpha]
     kappas = num_neighbors or [base.num_neighbors]
     topologies = topologies or [base.topology]
     dropouts = dropouts or [base.dropout]
+    weight_codecs = weight_codecs or [base.weight_codec]
     sweep = len(alphas) > 1 or len(kappas) > 1 or len(topologies) > 1
     runs = []
-    for alg, alpha, kappa, topo, drop in itertools.product(algorithms, alphas, kappas, topologies,
-                                                           dropouts):
+    for alg, alpha, kappa, topo, drop, wcodec in itertools.product(
+            algorithms, alphas, kappas, topologies, dropouts, weight_codecs):
         variants = [True, False] if ablation and alg == "ntk_dfl" else [True]
-        for averaging in variants:
+        package_codecs = (codecs or [base.codec]) if alg == "ntk_dfl" else [base.codec]
+        for averaging, codec in itertools.product(variants, package_codecs):
             name = alg
             iid = alpha == "iid"
             if sweep:
@@ -57,7 +62,12 @@ def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, abl
                 name += f"_dropout{drop:g}"
             if not averaging:
                 name += "_no_averaging"
-            cfg = dataclasses.replace(base, algorithm=alg, num_neighbors=kappa,
+            if len(package_codecs) > 1 or codec != "identity":
+                name += f"_codec-{_slug(codec)}"
+            if len(weight_codecs) > 1 or wcodec != "identity":
+                name += f"_weights-{_slug(wcodec)}"
+            cfg = dataclasses.replace(base, algorithm=alg, num_neighbors=kappa, codec=codec,
+                                      weight_codec=wcodec,
                                       alpha=base.alpha if iid else float(alpha),
                                       partition="iid" if iid else base.partition,
                                       topology=topo, dropout=drop, per_round_averaging=averaging,
@@ -67,16 +77,26 @@ def plan(base, algorithms, alphas=None, num_neighbors=None, topologies=None, abl
     return runs
 
 
+def _slug(codec):
+    """A codec string as a run-name part: 'topk:fraction=0.1+quantize:bits=8' -> topk0.1+q8."""
+    return (codec.replace("fraction=", "").replace("quantize:bits=", "q").replace(":", "")
+            .replace(",stochastic=1", "s").replace("subsample", "sub"))
+
+
 def summarise(name, cfg, history, seconds, target):
     h = history.history
     acc = np.asarray(h.get("val_accuracy", [np.nan]))
     hit = np.flatnonzero(acc >= target)
+    cumulative = np.cumsum(h["bytes_sent"])
     final_client = float(h.get("val_client_mean_accuracy", [np.nan])[-1])
     return {"run": name, "algorithm": cfg.algorithm, "partition": cfg.partition,
             "alpha": cfg.alpha if cfg.partition == "dirichlet" else "",  # IID has no alpha
             "num_neighbors": cfg.num_neighbors, "topology": cfg.topology, "dropout": cfg.dropout,
-            "per_round_averaging": cfg.per_round_averaging, "rounds": len(acc),
+            "per_round_averaging": cfg.per_round_averaging, "codec": cfg.codec,
+            "weight_codec": cfg.weight_codec, "rounds": len(acc),
             "rounds_to_target": int(hit[0]) + 1 if hit.size else "",
+            "bytes_to_target": float(cumulative[hit[0]]) if hit.size else "",
+            "bytes_per_round": float(np.mean(h["bytes_sent"])),
             "best_accuracy": float(np.max(acc)), "final_accuracy": float(acc[-1]),
             "final_client_mean_accuracy": final_client,
             "aggregate_gain": float(acc[-1]) - final_client,
@@ -212,13 +232,14 @@ def _sweep_value(row, key):
 
 
 def compare(base, algorithms, alphas=None, num_neighbors=None, topologies=None, ablation=False,
-            target_accuracy=0.85, dropouts=None):
+            target_accuracy=0.85, dropouts=None, codecs=None, weight_codecs=None):
     """Runs the plan, writing summary.csv after every run (a killed sweep keeps what finished).
 
     Returns:
         The summary rows (list of dicts).
     """
-    runs = plan(base, algorithms, alphas, num_neighbors, topologies, ablation, dropouts)
+    runs = plan(base, algorithms, alphas, num_neighbors, topologies, ablation, dropouts, codecs,
+                weight_codecs)
     for _, cfg in runs:  # every configuration checked before the first (long) run starts
         experiment.validate(cfg)
     dataset = data.load(base.dataset, data_dir=base.data_dir)

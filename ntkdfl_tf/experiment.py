@@ -56,6 +56,8 @@ class Config:
     # failures (ntkdfl_tf.Faults) and lost messages (the channel), each from its own stream
     dropout: float = 0.0
     message_loss: float = 0.0
+    codec: str = "identity"  # Jacobian packages on the wire (ntkdfl_tf.protocol.codecs)
+    weight_codec: str = "identity"  # weight messages on the wire
     leave: str = ""  # client:round pairs, e.g. "3:5,7:10"
     executor: str = "local"  # or "ray"
     ray_address: str = None  # None: start a local Ray instance; "auto" or ray://host:10001
@@ -66,6 +68,7 @@ class Config:
     save_dir: str = "saved_models"
     run_name: str = None
     verbose: int = 1
+    stop_at_accuracy: float = 0.0  # stop once the aggregate reaches it (0: run every round)
 
 
 PRESETS = {
@@ -132,7 +135,8 @@ def make_faults(cfg):
 
 def make_channel(cfg):
     """The channel between clients (``--message_loss``)."""
-    return protocol.Channel(message_loss=cfg.message_loss)
+    return protocol.Channel(message_loss=cfg.message_loss, codec=cfg.codec,
+                            weight_codec=cfg.weight_codec)
 
 
 def make_executor(cfg):
@@ -230,6 +234,11 @@ def run(cfg, dataset=None):
            callbacks.ClientMetrics(cfg.logdir), final,
            # last, so a round is checkpointed only once its CSV row is on disk
            callbacks.RoundCheckpoint(cfg.logdir, resume=cfg.resume, verbose=cfg.verbose)]
+    if cfg.stop_at_accuracy:
+        def stop(epoch, logs):
+            if logs.get("val_accuracy", 0.0) >= cfg.stop_at_accuracy:
+                trainer.model.stop_training = True
+        cbs.append(keras.callbacks.LambdaCallback(on_epoch_end=stop))
     if cfg.verbose:
         print(f"{cfg.algorithm}: {cfg.num_clients} clients ({cfg.partition}, alpha={cfg.alpha}), "
               f"{cfg.topology} topology, {cfg.rounds} rounds on {cfg.dataset}; "
