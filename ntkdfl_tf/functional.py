@@ -64,7 +64,7 @@ class ModelFunctions:
             raise ValueError("The model ends in a softmax; NTK-DFL and the trainer expect logits. "
                              "Drop the output activation (the losses apply softmax themselves).")
         self.is_dense_stack = stack is not None
-        self._prefix, self.dense_specs = stack if stack else ([], [])
+        self.prefix_layers, self.dense_specs = stack if stack else ([], [])
 
     def initial_weights(self):
         """The model's current weights as a list of float32 NumPy arrays."""
@@ -73,7 +73,7 @@ class ModelFunctions:
     def features(self, x):
         """Maps raw inputs to what ``forward`` consumes: the weightless prefix for Dense stacks."""
         x = tf.cast(x, tf.float32)
-        for layer in self._prefix:
+        for layer in self.prefix_layers:
             x = layer(x)
         return x
 
