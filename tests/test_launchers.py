@@ -114,3 +114,30 @@ def test_every_preset_builds_its_algorithm(name):
     algorithm = experiment.make_algorithm(cfg)
     assert algorithm.taus == tuple(cfg.taus)
     assert algorithm.jacobian_batches == cfg.jacobian_batches
+
+
+def test_compare_sweeps_codecs_and_reports_bytes_to_target(tmp_path):
+    """--codecs (NTK-DFL only) and --weight_codecs (every algorithm) each get a run; the summary
+    has their codecs, bytes per round and cumulative bytes at the first round on target."""
+    out = _run("compare.py", *TINY, "--algorithms=ntk_dfl,dfedavg", "--target_accuracy=0.2",
+               "--codecs=identity;factored", "--weight_codecs=identity;quantize:bits=8",
+               f"--logdir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "summary.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"ntk_dfl_codec-identity_weights-identity",
+                         "ntk_dfl_codec-factored_weights-identity",
+                         "ntk_dfl_codec-identity_weights-q8", "ntk_dfl_codec-factored_weights-q8",
+                         "dfedavg_weights-identity", "dfedavg_weights-q8"}
+    for name, r in rows.items():
+        with open(tmp_path / name / "history.csv") as f:
+            sent = [float(h["bytes_sent"]) for h in csv.DictReader(f)]
+        hit = int(r["rounds_to_target"])
+        assert float(r["bytes_to_target"]) == sum(sent[:hit])
+    # factored is lossless: the same accuracy at a fraction of the bytes
+    plain, factored = (rows[f"ntk_dfl_codec-{c}_weights-identity"] for c in ("identity", "factored"))
+    assert plain["final_accuracy"] == factored["final_accuracy"]
+    assert float(factored["bytes_per_round"]) < float(plain["bytes_per_round"]) / 50
+    assert (float(rows["dfedavg_weights-q8"]["bytes_per_round"])
+            < float(rows["dfedavg_weights-identity"]["bytes_per_round"]) / 3.9)
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
