@@ -83,7 +83,7 @@ class DecentralizedTrainer:
         self.fns = functional.ModelFunctions(model)
         self.initial_weights = self.fns.initial_weights()  # every client starts here
         self.client_weights = None  # list of [K, *shape] tensors once fit starts
-        self._data_fingerprint = None
+        self._data_fingerprint = self._sample_bytes = None
         self.round = 0
         self.last_client_accuracy = None
         # one trace per group size (the aggregate, min(eval_batch, K) clients): no relaxed
@@ -108,6 +108,7 @@ class DecentralizedTrainer:
         mask = tf.constant(clients.mask)
         labels = tf.one_hot(clients.y, c) * mask[..., None]
         self._data_fingerprint = clients.fingerprint()
+        self._sample_bytes = int(np.prod(clients.x.shape[2:])) * clients.x.dtype.itemsize
         return base.ClientTensors(feats, labels, mask, clients.counts)
 
     def check_inputs(self, x, what):
@@ -200,7 +201,7 @@ class DecentralizedTrainer:
             weights, logs = self.algorithm.run_round(
                 base.RoundInput(r, self.client_weights, graph, tensors.counts,
                                 int(tensors.mask.shape[1]), stream_rng(self.seed, "sampling", r),
-                                self.fns), channel, self.executor)
+                                self.fns, self._sample_bytes), channel, self.executor)
             if active is not None:  # clients that sat out keep their weights
                 keep = tf.constant(active)
                 weights = [tf.where(tf.reshape(keep, [-1] + [1] * (w.shape.rank - 1)), w, old)

@@ -12,8 +12,8 @@ from ntkdfl_tf.protocol import codecs
 MLP_SHAPES = [(784, 100), (100,), (100, 10), (10,)]  # NTK-DFL.md's 784-100-10: 79,510 params
 
 
-def _layout():
-    return codecs.package_layout(functional.ModelFunctions(nd.models.mlp()))
+def _layout(input_bytes=None):
+    return codecs.package_layout(functional.ModelFunctions(nd.models.mlp()), input_bytes)
 
 
 # -- sizes -------------------------------------------------------------------------------------
@@ -41,6 +41,9 @@ def test_weight_message_sizes_are_hand_counts(spec, expected):
     ("factored", 200 * (784 + 1_000 + 100) * 4 + 200 * 10 * 4 + 200 * 4),
     ("subsample:fraction=0.25", 50 * 10 * 79_510 * 4 + 50 * 10 * 4 + 50 * 4),
     ("subsample:fraction=0.25+factored", 50 * (784 + 1_000 + 100) * 4 + 50 * 10 * 4 + 50 * 4),
+    # 200 uint8 images of 28 x 28 and their int32 labels; the receiver evaluates the rest
+    ("inputs", 200 * 784 + 200 * 4),
+    ("subsample:fraction=0.25+inputs", 50 * 784 + 50 * 4),
     ("quantize:bits=8", sum(200 * 10 * 78_400 // 78_400 * s + 8 for s in (78_400, 100, 1_000, 10))
      + 200 * 10 * 4 + 200 * 4),
     ("topk:fraction=0.01", sum(8 * -(-200 * 10 * s // 100) for s in (78_400, 100, 1_000, 10))
@@ -49,7 +52,7 @@ def test_weight_message_sizes_are_hand_counts(spec, expected):
 def test_package_sizes_are_hand_counts(spec, expected):
     fns = functional.ModelFunctions(nd.models.mlp())
     package = nd.protocol.JacobianPackage(3, 1, nd.protocol.package_specs(200, 10, fns.shapes),
-                                          codec=codecs.parse(spec), layout=_layout())
+                                          codec=codecs.parse(spec), layout=_layout(784))
     assert package.nbytes == expected
 
 
@@ -67,8 +70,10 @@ def test_factored_is_about_four_hundred_times_smaller():
     ("quantize:bits=0", "bits must lie in 1..16"),
     ("topk:fraction=1.5", "fraction must lie in"),
     ("topk:ratio=0.1", "takes fraction"),
-    ("quantize:bits=8+topk:fraction=0.1", "in the order subsample \\+ factored"),
+    ("quantize:bits=8+topk:fraction=0.1", "in the order subsample \\+ inputs \\+ factored"),
     ("topk:fraction=0.1+topk:fraction=0.2", "at most once"),
+    ("inputs+quantize:bits=8", "combines with subsample only"),
+    ("inputs+factored", "combines with subsample only"),
 ])
 def test_bad_codec_strings_give_one_clear_error(spec, match):
     with pytest.raises(codecs.CodecError, match=match):
@@ -149,7 +154,8 @@ def _fit(codec="identity", weight_codec="identity", algorithm=None, rounds=2):
     return trainer, history.history
 
 
-CODECS = ["identity", "factored", "subsample:fraction=0.5", "subsample:fraction=0.5+factored",
+CODECS = ["identity", "factored", "inputs", "subsample:fraction=0.5",
+          "subsample:fraction=0.5+factored", "subsample:fraction=0.5+inputs",
           "topk:fraction=0.1", "quantize:bits=4", "quantize:bits=8,stochastic=1",
           "subsample:fraction=0.5+topk:fraction=0.1+quantize:bits=8"]
 
@@ -165,7 +171,7 @@ def test_every_codec_trains_sends_fewer_bytes_and_changes_weights_only_if_lossy(
     assert same == codec.lossless, f"{spec}: lossless={codec.lossless} but same={same}"
     if spec != "identity":
         assert all(b < a for a, b in zip(h_ref["bytes_sent"], h["bytes_sent"]))
-    layout = codecs.package_layout(trainer.fns)
+    layout = codecs.package_layout(trainer.fns, input_bytes=784)  # uint8 28 x 28 images
     p = trainer.fns.num_params
     package = codec.package_nbytes(10, 10, layout)
     assert h["bytes_sent"] == [2 * 5 * (2 * p * 4 + package)] * 2  # a 5-ring, both directions

@@ -69,6 +69,8 @@ class RoundInput(typing.NamedTuple):
         max_samples: padded samples per client (``n_max``).
         rng: the round's ``sampling`` random stream.
         fns: the model's ``ModelFunctions`` (shapes and class count for message sizes).
+        sample_bytes: bytes of one raw input sample as the clients store it (for codecs that
+            send inputs).
     """
 
     index: int
@@ -78,6 +80,7 @@ class RoundInput(typing.NamedTuple):
     max_samples: int
     rng: np.random.Generator
     fns: typing.Any
+    sample_bytes: int = None
 
     @property
     def num_clients(self):

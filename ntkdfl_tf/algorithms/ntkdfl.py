@@ -185,7 +185,8 @@ class NTKDFL(base.Algorithm):
         # i asks every neighbour it heard from for a package at w_bar_i ...
         requests = channel.deliver(protocol.weights_messages(heard.T, averaged))
         # ... and each neighbour the request reached replies with one
-        packages = channel.deliver(self.packages_for(requests.messages, r.counts, r.fns))
+        packages = channel.deliver(self.packages_for(requests.messages, r.counts, r.fns,
+                                                     r.sample_bytes))
         senders, valid = topology.neighbourhoods(
             protocol.heard_from(packages.messages, k))
         keep = samples_kept(packages.messages, senders, valid, r.max_samples)
@@ -214,9 +215,9 @@ class NTKDFL(base.Algorithm):
         averaged = [a.numpy() for a in base.average_received(r.weights, delivery)]
         return averaged, protocol.heard_from(delivery.messages, r.num_clients)
 
-    def packages_for(self, requests, counts, fns):
+    def packages_for(self, requests, counts, fns, sample_bytes=None):
         """One lazy ``JacobianPackage`` in reply to each delivered request (its receiver)."""
-        specs, layout = {}, protocol.codecs.package_layout(fns)
+        specs, layout = {}, protocol.codecs.package_layout(fns, sample_bytes)
         for n in {int(counts[m.receiver]) for m in requests}:
             specs[n] = protocol.package_specs(n, fns.num_classes, fns.shapes)
         return [protocol.JacobianPackage(sender=m.receiver, receiver=m.sender,

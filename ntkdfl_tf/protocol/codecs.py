@@ -1,7 +1,8 @@
 """Codecs: how a message is encoded on the wire, chosen by name with parameters.
 
 A codec string names stages applied in order, joined by ``+``, each ``name`` or
-``name:key=value,key=value``: ``identity`` (the default), ``factored``, ``quantize:bits=8``
+``name:key=value,key=value``: ``identity`` (the default), ``inputs``, ``factored``,
+``quantize:bits=8``
 (``stochastic=1`` for stochastic rounding), ``topk:fraction=0.1``, ``subsample:fraction=0.25``.
 ``parse("subsample:fraction=0.25+topk:fraction=0.1+quantize:bits=8")`` gives a ``Codec``.
 
@@ -9,6 +10,10 @@ What each stage does to a Jacobian package of n samples (C classes, P parameters
 
 - ``subsample``: the sender keeps a random ``ceil(fraction * n)`` of its samples (at least one);
   the receiver builds its kernel on the samples it received.
+- ``inputs`` (lossless): the package is a function of the sender's inputs and the receiver's
+  averaged weights, which the receiver has, so the sender may send its raw inputs (as stored,
+  e.g. uint8 pixels) and labels, and the receiver evaluates the Jacobians and logits itself.
+  It reveals exactly what the Jacobians reveal (they give the inputs back exactly anyway).
 - ``factored`` (lossless): a Dense layer's per-sample Jacobian block is the outer product of its
   input (d values) and its backpropagated signal per class (C x h values), so the package sends
   those factors instead of the C x d x h block; a linear output layer's signal is the identity
@@ -44,12 +49,13 @@ class Stage:
 
 STAGES = {
     "identity": {},
+    "inputs": {},
     "factored": {},
     "quantize": {"bits": int, "stochastic": lambda v: bool(int(v))},
     "topk": {"fraction": float},
     "subsample": {"fraction": float},
 }
-ORDER = ("subsample", "factored", "topk", "quantize")  # the only order that is well defined
+ORDER = ("subsample", "inputs", "factored", "topk", "quantize")  # each acts on what is left
 
 
 class CodecError(ValueError):
@@ -98,7 +104,7 @@ class Codec:
 
     @property
     def lossless(self):
-        return all(s.name in ("identity", "factored") for s in self.stages)
+        return all(s.name in ("identity", "inputs", "factored") for s in self.stages)
 
     @property
     def changes_values(self):
@@ -131,6 +137,11 @@ class Codec:
             layout: ``PackageLayout`` of the model (dense blocks and factorable layers).
         """
         n, c = self.kept_samples(num_samples), num_classes
+        if self.stage("inputs"):
+            if layout.input_bytes is None:
+                raise CodecError("codec 'inputs' needs the size of one raw input sample "
+                                 "(package_layout(fns, input_bytes=...)).")
+            return n * layout.input_bytes + 4 * n  # raw inputs and int32 labels
         tensors = layout.factored_tensors(n, c) if self.stage("factored") else \
             layout.dense_tensors(n, c)
         return sum(self._values_nbytes(t) for t in tensors) + 4 * n * c + 4 * n
@@ -145,10 +156,12 @@ class PackageLayout(typing.NamedTuple):
             indices of its kernel and bias variables (bias -1 if none), its input and output
             widths, and whether its backpropagated signal must be sent (False for a linear
             output layer, whose signal is the identity).
+        input_bytes: bytes of one raw input sample as the sender stores it (``inputs``).
     """
 
     shapes: tuple
     factors: tuple
+    input_bytes: int = None
 
     def dense_tensors(self, n, c):
         return [n * c * math.prod(s) for s in self.shapes]
@@ -167,7 +180,7 @@ class PackageLayout(typing.NamedTuple):
         return tensors
 
 
-def package_layout(fns):
+def package_layout(fns, input_bytes=None):
     """The ``PackageLayout`` of the model behind ``fns`` (factors only for Dense stacks)."""
     factors = []
     if fns.is_dense_stack:
@@ -176,7 +189,7 @@ def package_layout(fns):
             d, h = fns.shapes[spec.kernel]
             linear = getattr(spec.activation, "__name__", "") == "linear"
             factors.append((spec.kernel, spec.bias, d, h, not (l == last and linear)))
-    return PackageLayout(tuple(tuple(s) for s in fns.shapes), tuple(factors))
+    return PackageLayout(tuple(tuple(s) for s in fns.shapes), tuple(factors), input_bytes)
 
 
 def parse(spec):
@@ -193,6 +206,9 @@ def parse(spec):
     if len(set(names)) != len(names) or names != sorted(names, key=ORDER.index):
         raise CodecError(f"Codec stages in {spec!r} must appear at most once each, in the order "
                          f"{' + '.join(ORDER)} (each acts on what the previous one leaves).")
+    if "inputs" in names and len(set(names) & {"factored", "topk", "quantize"}):
+        raise CodecError(f"Codec {spec!r}: 'inputs' sends the raw samples; it combines with "
+                         "subsample only (the Jacobian stages have nothing left to act on).")
     return Codec(spec, tuple(s for s in stages if s.name != "identity"))
 
 
