@@ -21,6 +21,10 @@ flags.DEFINE_string("baseline", "dfedavg", "Run name whose bytes to target are 1
 FLAGS = flags.FLAGS
 
 
+def _fmt(value, unit):
+    return "—" if np.isnan(value) else f"{value:.2f}{unit}"
+
+
 def _history(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
@@ -50,7 +54,7 @@ def main(argv):
         print(f"| {r['run']} | `{r['codec']}` | `{r['weight_codec']}` | "
               f"{r['rounds_to_target'] or 'not in ' + r['rounds']} | "
               f"{float(r['bytes_per_round']) / 1e9:.3f} GB | "
-              f"{to_target / 1e9:.2f} GB | {to_target / base_bytes:.2f}x | "
+              f"{_fmt(to_target / 1e9, ' GB')} | {_fmt(to_target / base_bytes, 'x')} | "
               f"{float(r['best_accuracy']):.4f} |")
 
 
