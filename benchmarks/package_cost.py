@@ -13,6 +13,7 @@ import statistics
 from absl import app, flags
 
 import ntkdfl_tf as nd
+from ntkdfl_tf import experiment
 
 flags.DEFINE_integer("clients", 20, "Clients.")
 flags.DEFINE_integer("samples_per_client", 100, "Samples per client.")
@@ -31,10 +32,11 @@ def main(argv):
     clients = nd.data.dirichlet_partition(x, y, FLAGS.clients, 0.1, seed=0,
                                           samples_per_client=FLAGS.samples_per_client)
     for spec in FLAGS.codecs:
-        trainer = nd.DecentralizedTrainer(
-            nd.models.mlp, nd.algorithms.NTKDFL(taus=(100,), jacobian_batches=FLAGS.jacobian_batches),
-            nd.topology.RandomGraph(FLAGS.num_neighbors), seed=0,
-            channel=nd.protocol.Channel(codec=spec))
+        cfg = experiment.Config(taus=(100,), jacobian_batches=FLAGS.jacobian_batches,
+                                num_neighbors=FLAGS.num_neighbors, codec=spec)
+        trainer = nd.DecentralizedTrainer(nd.models.mlp, experiment.make_algorithm(cfg),
+                                          experiment.make_topology(cfg), seed=0,
+                                          channel=experiment.make_channel(cfg))
         h = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0).history
         print(json.dumps({"codec": spec, "clients": FLAGS.clients,
                           "samples_per_client": FLAGS.samples_per_client,

@@ -116,20 +116,22 @@ class NTKDFLWorker(base.Worker):
         logits = self.fns.forward(weights, feats).numpy()
         chunk = self.algorithm.jacobian_chunk
         packages = []
-        for b in range(len(call.members)):
+        for b in range(len(call.members)):  # each receiver's own linearisation point
             w = [v[b] for v in weights]
-            for s in np.flatnonzero(call.valid[b]):
-                rows = s * n + np.flatnonzero(real[b, s * n:(s + 1) * n])
-                parts = [self._jacobians(w, tf.gather(feats[b], rows[i:i + chunk]))
-                         for i in range(0, len(rows), chunk)]
-                jac = [np.concatenate([p[v].numpy() for p in parts]) if parts else
-                       np.zeros((0, self.fns.num_classes) + shape, np.float32)
-                       for v, shape in enumerate(self.fns.shapes)]
-                specs = protocol.package_specs(len(rows), self.fns.num_classes, self.fns.shapes)
+            rows = np.flatnonzero(real[b])  # every real sample of the neighbourhood, once
+            if not len(rows):  # a slice may hold no sample of this neighbourhood
+                continue
+            parts = [self._jacobians(w, tf.gather(feats[b], rows[i:i + chunk]))
+                     for i in range(0, len(rows), chunk)]
+            jac = [np.concatenate([p[v].numpy() for p in parts]) for v in range(len(w))]
+            for s in np.flatnonzero(call.valid[b]):  # cut into one package per sender
+                take = (rows >= s * n) & (rows < (s + 1) * n)
+                specs = protocol.package_specs(int(take.sum()), self.fns.num_classes,
+                                               self.fns.shapes)
                 package = protocol.JacobianPackage(int(call.senders[b, s]), int(call.members[b]),
                                                    specs)
-                packages.append((b, rows, package.materialise(jac, logits[b, rows],
-                                                              ids[b, rows])))
+                packages.append((b, rows[take], package.materialise(
+                    [j[take] for j in jac], logits[b, rows[take]], ids[b, rows[take]])))
         return packages
 
     def _evolve_slice(self, linearised, weights, feats, labels, mask, h, eta, bound_step,
@@ -222,7 +224,7 @@ def stack_packages(packages, layout):
 def explicit_kernel(jacobians, mask):
     """Each receiver's H from its stacked package Jacobians ``[B, N, C, P]``, zero at padding."""
     m = tf.cast(mask, tf.float32)
-    h = tf.stack([kernels.explicit.traced_kernel(j, j) for j in tf.unstack(jacobians)])
+    h = kernels.explicit.traced_kernel(jacobians, jacobians)  # one batched product
     return h * m[:, :, None] * m[:, None, :]
 
 

@@ -51,8 +51,9 @@ def flat_jacobian(fns, weights, x):
 
 
 def traced_kernel(jac_a, jac_b):
-    """A block (1/C) sum_c J_a,c J_b,c^T of H from per-sample Jacobians [n, C, P], [m, C, P]."""
-    return tf.einsum("acp,bcp->ab", jac_a, jac_b) / jac_a.shape[1]
+    """A block (1/C) sum_c J_a,c J_b,c^T of H from per-sample Jacobians ``[..., n, C, P]`` and
+    ``[..., m, C, P]`` (leading axes batched)."""
+    return tf.einsum("...acp,...bcp->...ab", jac_a, jac_b) / jac_a.shape[-2]
 
 
 class ExplicitNTK:
