@@ -36,11 +36,12 @@ def test_weight_message_sizes_are_hand_counts(spec, expected):
 @pytest.mark.parametrize("spec, expected", [
     # 200 samples: Jacobians 200 x 10 x 79,510 floats, logits 200 x 10, int32 labels
     ("identity", 200 * 10 * 79_510 * 4 + 200 * 10 * 4 + 200 * 4),
-    # per sample: layer 1 input (784) and signal (10 x 100); the linear output layer's input
-    # (100) and no signal (the identity)
-    ("factored", 200 * (784 + 1_000 + 100) * 4 + 200 * 10 * 4 + 200 * 4),
+    # per sample: layer 1 input (the uint8 image, 784 bytes) and signal (10 x 100); the linear
+    # output layer's input (100) and no signal (the identity)
+    ("factored", 200 * 784 + 200 * (1_000 + 100) * 4 + 200 * 10 * 4 + 200 * 4),
     ("subsample:fraction=0.25", 50 * 10 * 79_510 * 4 + 50 * 10 * 4 + 50 * 4),
-    ("subsample:fraction=0.25+factored", 50 * (784 + 1_000 + 100) * 4 + 50 * 10 * 4 + 50 * 4),
+    ("subsample:fraction=0.25+factored", 50 * 784 + 50 * (1_000 + 100) * 4 + 50 * 10 * 4
+     + 50 * 4),
     # 200 uint8 images of 28 x 28 and their int32 labels; the receiver evaluates the rest
     ("inputs", 200 * 784 + 200 * 4),
     ("subsample:fraction=0.25+inputs", 50 * 784 + 50 * 4),
@@ -48,6 +49,10 @@ def test_weight_message_sizes_are_hand_counts(spec, expected):
      + 200 * 10 * 4 + 200 * 4),
     ("topk:fraction=0.01", sum(8 * -(-200 * 10 * s // 100) for s in (78_400, 100, 1_000, 10))
      + 200 * 10 * 4 + 200 * 4),
+    # k = ceil(0.01 * 79,510) = 796 values per sample and class, and the sketch's 8-byte seed
+    ("project:fraction=0.01", 200 * 10 * 796 * 4 + 8 + 200 * 10 * 4 + 200 * 4),
+    ("project:fraction=0.01+quantize:bits=8", 200 * 10 * 796 + 8 + 8 + 200 * 10 * 4 + 200 * 4),
+    ("dp:clip=1,noise=1", 200 * 10 * 79_510 * 4 + 200 * 10 * 4 + 200 * 4),  # noise: same size
 ])
 def test_package_sizes_are_hand_counts(spec, expected):
     fns = functional.ModelFunctions(nd.models.mlp())
@@ -74,6 +79,10 @@ def test_factored_is_about_four_hundred_times_smaller():
     ("topk:fraction=0.1+topk:fraction=0.2", "at most once"),
     ("inputs+quantize:bits=8", "combines with subsample only"),
     ("inputs+factored", "combines with subsample only"),
+    ("dp:clip=1", "needs noise"),
+    ("dp:clip=0,noise=1", "clip > 0"),
+    ("factored+quantize:bits=8", "use them without 'factored'"),
+    ("factored+project:fraction=0.1", "use them without 'factored'"),
 ])
 def test_bad_codec_strings_give_one_clear_error(spec, match):
     with pytest.raises(codecs.CodecError, match=match):
@@ -83,8 +92,8 @@ def test_bad_codec_strings_give_one_clear_error(spec, match):
 def test_weight_codecs_refuse_package_stages_and_factored_refuses_lossy_stages():
     with pytest.raises(ValueError, match="Jacobian packages only"):
         nd.protocol.Channel(weight_codec="subsample:fraction=0.5")
-    with pytest.raises(ValueError, match="not implemented"):
-        nd.protocol.Channel(codec="factored+quantize:bits=8")
+    with pytest.raises(ValueError, match="Jacobian packages only"):
+        nd.protocol.Channel(weight_codec="dp:clip=1,noise=1")
 
 
 # -- what the receiver decodes -----------------------------------------------------------------
@@ -135,7 +144,47 @@ def test_dense_jacobian_blocks_are_the_outer_products_the_factored_encoding_send
                                atol=1e-6)
     np.testing.assert_allclose(jac[3], np.broadcast_to(eye, (5, 10, 10)), atol=1e-6)
     layout = codecs.package_layout(fns)
-    assert layout.factored_tensors(5, 10) == [5 * 784, 5 * 10 * 16, 5 * 16]
+    assert layout.factored_tensors(5, 10) == ([5 * 784, 5 * 10 * 16, 5 * 16], 0)
+    assert codecs.package_layout(fns, 784).factored_tensors(5, 10) == ([5 * 10 * 16, 5 * 16],
+                                                                       5 * 784)
+
+
+def test_the_sketch_is_a_count_sketch_and_unbiased():
+    """project: A = J S^T with S built by hand from the buckets and signs; every bucket is
+    used; over many seeds A_a . A_b averages to J_a . J_b (E[S^T S] = I)."""
+    codec = codecs.parse("project:fraction=0.1")
+    rng = np.random.default_rng(0)
+    flat = rng.normal(size=(3, 2, 50)).astype(np.float32)
+    sketch = codecs.make_sketch(codec, 50, seed=7)
+    s = np.zeros((5, 50), np.float32)
+    s[sketch.bucket, np.arange(50)] = sketch.sign
+    np.testing.assert_allclose(sketch.project(flat), flat @ s.T, rtol=1e-5, atol=1e-5)
+    assert sorted(np.bincount(sketch.bucket)) == [10] * 5
+    exact = np.einsum("cp,cp->", flat[0], flat[1])
+    estimates = [np.einsum("ck,ck->", *codecs.make_sketch(codec, 50, seed).project(flat[:2]))
+                 for seed in range(4000)]
+    spread = np.std(estimates) / np.sqrt(len(estimates))
+    assert abs(np.mean(estimates) - exact) < 4 * spread
+    assert codecs.make_sketch(codecs.parse("quantize:bits=8"), 50, 0) is None
+
+
+def test_dp_clips_each_sample_and_adds_noise_of_the_stated_scale():
+    rng = np.random.default_rng(0)
+    jac = [rng.normal(size=(6, 3, 40)).astype(np.float32) * 5, rng.normal(size=(6, 3, 4))]
+    logits = rng.normal(size=(6, 3)).astype(np.float32)
+    clipped, out_logits = codecs.encode_package_values(
+        codecs.parse("dp:clip=2,noise=0"), jac, logits, rng)
+    norms = np.sqrt(sum(np.sum(a.reshape(6, -1) ** 2, 1) for a in (*clipped, out_logits)))
+    np.testing.assert_allclose(norms, 2.0, rtol=1e-5)  # every sample was larger than the clip
+    ratio = clipped[0] / jac[0]
+    np.testing.assert_allclose(ratio, ratio[:, :1, :1] * np.ones_like(ratio), rtol=1e-4)
+    noisy, _ = codecs.encode_package_values(codecs.parse("dp:clip=2,noise=0.5"), jac, logits,
+                                            np.random.default_rng(1))
+    assert abs(np.std(noisy[0] - clipped[0]) - 1.0) < 0.05  # noise * clip = 1
+    own, own_logits = codecs.encode_package_values(codecs.parse("dp:clip=2,noise=0.5"), jac,
+                                                   logits, rng, sent=False)
+    np.testing.assert_array_equal(own[1], np.asarray(jac[1], np.float32))  # never sent
+    np.testing.assert_array_equal(own_logits, logits)
 
 
 # -- every codec through training --------------------------------------------------------------
@@ -157,7 +206,9 @@ def _fit(codec="identity", weight_codec="identity", algorithm=None, rounds=2):
 CODECS = ["identity", "factored", "inputs", "subsample:fraction=0.5",
           "subsample:fraction=0.5+factored", "subsample:fraction=0.5+inputs",
           "topk:fraction=0.1", "quantize:bits=4", "quantize:bits=8,stochastic=1",
-          "subsample:fraction=0.5+topk:fraction=0.1+quantize:bits=8"]
+          "subsample:fraction=0.5+topk:fraction=0.1+quantize:bits=8",
+          "project:fraction=0.05", "dp:clip=1,noise=0.01",
+          "subsample:fraction=0.5+project:fraction=0.1+dp:clip=1,noise=0.01+quantize:bits=8"]
 
 
 @pytest.mark.parametrize("spec", CODECS)
@@ -169,7 +220,7 @@ def test_every_codec_trains_sends_fewer_bytes_and_changes_weights_only_if_lossy(
     same = all(np.array_equal(a.numpy(), b.numpy())
                for a, b in zip(reference.client_weights, trainer.client_weights))
     assert same == codec.lossless, f"{spec}: lossless={codec.lossless} but same={same}"
-    if spec != "identity":
+    if any(s.name != "dp" for s in codec.stages):  # dp alone adds noise, not compression
         assert all(b < a for a, b in zip(h_ref["bytes_sent"], h["bytes_sent"]))
     layout = codecs.package_layout(trainer.fns, input_bytes=784)  # uint8 28 x 28 images
     p = trainer.fns.num_params
@@ -211,3 +262,18 @@ def test_subsample_builds_the_kernel_on_the_received_samples_only():
     keep = samples_kept(packages, senders, valid, 10)
     np.testing.assert_array_equal(keep[:, 0].sum(-1), [10, 10])  # own data whole
     np.testing.assert_array_equal(keep[:, 1], np.eye(10)[[3, 3]])  # one received sample
+
+
+def test_a_full_width_projection_is_a_signed_permutation_and_changes_nothing():
+    """project:fraction=1 makes S a signed permutation (S^T S = I), so the projected kernel
+    and the update S^T A^T R equal the plain explicit ones: an independent check of the
+    receiver's projected path. A narrow projection changes the result."""
+    algorithm = nd.algorithms.NTKDFL(taus=(3, 8, 20), packages="explicit")
+    plain, _ = _fit(algorithm=algorithm)
+    full, _ = _fit("project:fraction=1", algorithm=algorithm)
+    narrow, _ = _fit("project:fraction=0.05", algorithm=algorithm)
+    for a, b, c in zip(plain.client_weights, full.client_weights, narrow.client_weights):
+        scale = np.abs(a.numpy()).max()
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-4 * scale)
+    assert any(not np.allclose(a.numpy(), c.numpy(), atol=1e-3)
+               for a, c in zip(plain.client_weights, narrow.client_weights))

@@ -68,6 +68,9 @@ class NTKDFLWorker(base.Worker):
         explicit = algorithm.packages == "explicit" or (codec is not None and
                                                          codec.changes_values)
         rng = np.random.default_rng([context.seed, int(call.members[0])])
+        lossy = codec is not None and codec.changes_values
+        sketch = protocol.codecs.make_sketch(codec, self.fns.num_params, context.seed) \
+            if lossy else None
         for part, positions in self._round_slices(context.round_index, context.slice_orders):
             keep = None
             if call.keep is not None:  # the samples each package carries, in this slice
@@ -78,11 +81,11 @@ class NTKDFLWorker(base.Worker):
             received = None
             if explicit:
                 packages = self.receive(call, weights, feats, labels, mask)
-                if codec is not None and codec.changes_values:
-                    packages = [(b, rows, encode_package(codec, p, rng))
+                if lossy:
+                    packages = [(b, rows, encode_package(codec, p, rng, sketch))
                                 for b, rows, p in packages]
-                received = stack_packages(packages, feats.shape[:2])
-                h = explicit_kernel(received.jacobians, mask)
+                received = stack_packages(packages, feats.shape[:2], sketch)
+                h = explicit_kernel(received)
             else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
                 h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
             args = (weights, current, feats, labels, mask, h, eta)
@@ -175,8 +178,11 @@ class NTKDFLWorker(base.Worker):
             if received is None:
                 grads = tape.gradient(f_lin, linearised, output_gradients=cotangent)
             else:
-                grads = unflatten(tf.einsum("bncp,bnc->bp", received.jacobians, cotangent),
-                                  linearised)
+                rows = tf.einsum("brn,bnc->brc", received.placement, cotangent)
+                flat = tf.einsum("brcp,brc->bp", received.jacobians, rows)
+                if received.bucket.shape[0]:  # projected Jacobians: S^T back to parameters
+                    flat = tf.gather(flat, received.bucket, axis=1) * received.sign
+                grads = unflatten(flat, linearised)
             cand = [w - g for w, g in zip(weights, grads)]
             candidates.append(cand)
             cand_losses.append(loss.mean(fns.forward(cand, feats), labels, mask))
@@ -194,38 +200,59 @@ class NTKDFLWorker(base.Worker):
 
 
 class ReceivedPackages(tf.experimental.ExtensionType):
-    """One slice's delivered packages stacked per receiver, in the slice's row layout."""
+    """One slice's delivered packages stacked per receiver.
 
-    jacobians: tf.Tensor  # [B, N, C, P], zero at padding
+    The Jacobians hold only the R delivered samples (a subsampled slice is mostly padding);
+    ``placement`` puts row r at its position in the slice's N-row layout.
+    """
+
+    jacobians: tf.Tensor  # [B, R, C, P] (k after ``project``), zero at padding
+    placement: tf.Tensor  # [B, R, N] float32, one-hot rows (zero at padding)
     logits: tf.Tensor  # [B, N, C]
     labels: tf.Tensor  # [B, N] int32 class ids
+    bucket: tf.Tensor  # int32 [P] of the ``project`` sketch, or [0] without one
+    sign: tf.Tensor  # float32 [P], or [0]
 
 
-def encode_package(codec, package, rng):
-    """The package as its receiver decodes it: ``topk``/``quantize`` on each Jacobian tensor."""
-    return dataclasses.replace(package, jacobians=tuple(
-        protocol.codecs.encode_values(codec, j, rng) for j in package.jacobians))
+def encode_package(codec, package, rng, sketch=None):
+    """The package as its receiver decodes it (``codecs.encode_package_values``); the
+    receiver's own package is only projected (it is not sent). After ``project`` the package
+    holds one ``[n, C, k]`` array instead of its specs' Jacobians."""
+    jacobians, logits = protocol.codecs.encode_package_values(
+        codec, package.jacobians, package.logits, rng, sketch,
+        sent=package.sender != package.receiver)
+    return dataclasses.replace(package, jacobians=tuple(jacobians), logits=logits)
 
 
-def stack_packages(packages, layout):
-    """``receive``'s packages -> ``ReceivedPackages`` of shape ``layout`` = (B, N) (rows
-    without a delivered sample stay zero)."""
+def stack_packages(packages, layout, sketch=None):
+    """``receive``'s packages -> ``ReceivedPackages`` for the layout (B, N) (rows without a
+    delivered sample stay zero), with the round's ``project`` sketch if any."""
     first = packages[0][2]
     c, p = first.logits.shape[1], sum(int(np.prod(j.shape[2:])) for j in first.jacobians)
-    jac = np.zeros(tuple(layout) + (c, p), np.float32)
+    filled = np.zeros(layout[0], int)
+    for b, rows, _ in packages:
+        filled[b] += len(rows)
+    rows_held = -(-max(filled.max(), 1) // 8) * 8  # few distinct shapes: few retraces
+    jac = np.zeros((layout[0], rows_held, c, p), np.float32)
+    placement = np.zeros((layout[0], jac.shape[1], layout[1]), np.float32)
     logits = np.zeros(tuple(layout) + (c,), np.float32)
     labels = np.zeros(tuple(layout), np.int32)
+    filled[:] = 0
     for b, rows, package in packages:
-        jac[b, rows] = np.concatenate([j.reshape(len(rows), c, -1) for j in package.jacobians], -1)
+        at = np.arange(filled[b], filled[b] + len(rows))
+        filled[b] += len(rows)
+        jac[b, at] = np.concatenate([j.reshape(len(rows), c, -1) for j in package.jacobians], -1)
+        placement[b, at, rows] = 1.0
         logits[b, rows], labels[b, rows] = package.logits, package.labels
-    return ReceivedPackages(tf.constant(jac), tf.constant(logits), tf.constant(labels))
+    bucket, sign = (np.zeros(0, np.int32), np.zeros(0, np.float32)) if sketch is None else sketch
+    return ReceivedPackages(tf.constant(jac), tf.constant(placement), tf.constant(logits),
+                            tf.constant(labels), tf.constant(bucket), tf.constant(sign))
 
 
-def explicit_kernel(jacobians, mask):
-    """Each receiver's H from its stacked package Jacobians ``[B, N, C, P]``, zero at padding."""
-    m = tf.cast(mask, tf.float32)
-    h = kernels.explicit.traced_kernel(jacobians, jacobians)  # one batched product
-    return h * m[:, :, None] * m[:, None, :]
+def explicit_kernel(received):
+    """Each receiver's H ``[B, N, N]`` from its ``ReceivedPackages``, zero at padding."""
+    h = kernels.explicit.traced_kernel(received.jacobians, received.jacobians)  # [B, R, R]
+    return tf.einsum("brn,brs,bsm->bnm", received.placement, h, received.placement)
 
 
 def unflatten(flat, like):

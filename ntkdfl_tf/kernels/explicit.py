@@ -21,10 +21,8 @@ tf.get_logger().addFilter(_PforFallbackFilter())
 def jacobian(fns, weights, x):
     """Per-sample Jacobians of one client's logits with respect to its weights.
 
-    Each sample's ``[C, *shape]`` Jacobian is taken through a one-sample forward pass and the
-    samples are vectorised with ``tf.vectorized_map``. Differentiating a whole chunk's logits at
-    once (``tape.jacobian`` of ``[n, C]``) would also differentiate every logit with respect to
-    every other sample, at a cost growing with n^2.
+    A Dense stack's are formed from its factors (``dense.dense_jacobian``), any other model's
+    by ``tape_jacobian``.
 
     Args:
         fns: ModelFunctions.
@@ -33,6 +31,21 @@ def jacobian(fns, weights, x):
 
     Returns:
         List aligned with ``weights`` of ``[n, C, *shape]`` tensors.
+    """
+    if fns.is_dense_stack:  # outer products of the layers' factors: no per-sample tape
+        from ntkdfl_tf.kernels.dense import dense_jacobian
+
+        return dense_jacobian(fns, weights, x)
+    return tape_jacobian(fns, weights, x)
+
+
+def tape_jacobian(fns, weights, x):
+    """``jacobian`` for any Keras model through ``tf.GradientTape``.
+
+    Each sample's ``[C, *shape]`` Jacobian is taken through a one-sample forward pass and the
+    samples are vectorised with ``tf.vectorized_map``. Differentiating a whole chunk's logits at
+    once (``tape.jacobian`` of ``[n, C]``) would also differentiate every logit with respect to
+    every other sample, at a cost growing with n^2.
     """
     def one_sample(xi):
         with tf.GradientTape() as tape:

@@ -101,14 +101,10 @@ class Channel:
         self.message_loss = float(message_loss)
         self.codec = codecs.parse(codec)
         self.weight_codec = codecs.parse(weight_codec)
-        wrong = [s.name for s in self.weight_codec.stages if s.name in ("factored", "subsample")]
+        wrong = [s.name for s in self.weight_codec.stages if s.name not in ("topk", "quantize")]
         if wrong:
             raise codecs.CodecError(f"weight_codec {self.weight_codec.spec!r}: {wrong[0]} acts "
                                     "on Jacobian packages only; weights take topk and quantize.")
-        if self.codec.stage("factored") and self.codec.changes_values:
-            raise codecs.CodecError(f"codec {self.codec.spec!r}: topk and quantize of the "
-                                    "factors are not implemented; use them without factored "
-                                    "(on the dense Jacobians) or factored alone (lossless).")
 
     @property
     def config(self):

@@ -1,9 +1,9 @@
 """Codecs: how a message is encoded on the wire, chosen by name with parameters.
 
 A codec string names stages applied in order, joined by ``+``, each ``name`` or
-``name:key=value,key=value``: ``identity`` (the default), ``inputs``, ``factored``,
-``quantize:bits=8``
-(``stochastic=1`` for stochastic rounding), ``topk:fraction=0.1``, ``subsample:fraction=0.25``.
+``name:key=value,key=value``: ``identity`` (the default), ``subsample:fraction=0.25``,
+``inputs``, ``factored``, ``project:fraction=0.01``, ``dp:clip=1.0,noise=1.0``,
+``topk:fraction=0.1``, ``quantize:bits=8`` (``stochastic=1`` for stochastic rounding).
 ``parse("subsample:fraction=0.25+topk:fraction=0.1+quantize:bits=8")`` gives a ``Codec``.
 
 What each stage does to a Jacobian package of n samples (C classes, P parameters):
@@ -17,14 +17,29 @@ What each stage does to a Jacobian package of n samples (C classes, P parameters
 - ``factored`` (lossless): a Dense layer's per-sample Jacobian block is the outer product of its
   input (d values) and its backpropagated signal per class (C x h values), so the package sends
   those factors instead of the C x d x h block; a linear output layer's signal is the identity
-  and is not sent. Other layers are sent dense. The receiver's arrays are unchanged.
+  and is not sent. The first layer's input is the sample itself after the model's weightless
+  preprocessing, so it is sent as stored (e.g. uint8 pixels) when its size is known and the
+  receiver re-applies the preprocessing. Other layers are sent dense. The receiver's arrays
+  are unchanged.
+- ``project``: a random projection (a count sketch, seeded per round, both ends know the
+  seed): each sample's C x P Jacobian becomes C x k values, k = ``ceil(fraction * P)``, each the
+  signed sum of the parameters hashed to it: A = J S^T. The receiver projects its own Jacobian
+  with the same sketch, builds H from A A^T and updates by S^T A^T R. Both are unbiased
+  (E[S^T S] = I): E[A_a A_b^T] = J_a J_b^T, E[S^T A^T R] = J^T R for a given R.
+- ``dp``: the Gaussian mechanism per sample: the sample's Jacobian (its projection after
+  ``project``) and logits, as one vector, are clipped to L2 norm ``clip`` and every entry gets
+  N(0, (noise * clip)^2). ``ntkdfl_tf.privacy.gaussian_epsilon`` turns the noise multiplier and
+  the number of packages a sample went into into epsilon(delta). Labels are not protected.
 - ``topk``: per tensor, only the ``ceil(fraction * size)`` entries largest in magnitude are
   sent, with their int32 indices; the rest arrive as zero.
 - ``quantize``: per tensor, values are rounded to ``2**bits`` uniform levels between the
   tensor's minimum and maximum (two float32 header values); stochastic rounding is unbiased.
 
-Logits (float32) and labels (int32) are sent as they are. For weight messages, ``topk`` and
-``quantize`` apply per tensor in the same way; ``factored`` and ``subsample`` do not apply.
+Logits (float32) and labels (int32) are sent as they are (noised by ``dp``). For weight
+messages, ``topk`` and ``quantize`` apply per tensor in the same way; the other stages do not
+apply. The stages that change values need the receiver to hold explicit Jacobians; the worker
+forms them per Jacobian-batching slice. A receiver's own Jacobians are never encoded (they are
+not sent), except projected by ``project``.
 ``nbytes`` is the encoded payload: values, indices, scales and headers.
 """
 
@@ -35,6 +50,7 @@ import typing
 import numpy as np
 
 QUANTIZE_HEADER = 8  # float32 minimum and scale per quantised tensor
+PROJECT_HEADER = 8  # the sketch's int64 seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +61,8 @@ class Stage:
     fraction: float = None
     bits: int = None
     stochastic: bool = False
+    clip: float = None
+    noise: float = None
 
 
 STAGES = {
@@ -54,8 +72,11 @@ STAGES = {
     "quantize": {"bits": int, "stochastic": lambda v: bool(int(v))},
     "topk": {"fraction": float},
     "subsample": {"fraction": float},
+    "project": {"fraction": float},
+    "dp": {"clip": float, "noise": float},
 }
-ORDER = ("subsample", "inputs", "factored", "topk", "quantize")  # each acts on what is left
+ORDER = ("subsample", "inputs", "factored", "project", "dp", "topk", "quantize")  # each acts
+VALUE_STAGES = ("project", "dp", "topk", "quantize")  # on what the previous ones leave
 
 
 class CodecError(ValueError):
@@ -89,6 +110,9 @@ def _stage(text, spec):
         raise CodecError(f"{name}:fraction must lie in (0, 1], got {stage.fraction} in {spec!r}.")
     if stage.bits is not None and not 1 <= stage.bits <= 16:
         raise CodecError(f"quantize:bits must lie in 1..16, got {stage.bits} in {spec!r}.")
+    if stage.clip is not None and not (stage.clip > 0 and stage.noise >= 0):
+        raise CodecError(f"dp needs clip > 0 and noise >= 0, got clip={stage.clip}, "
+                         f"noise={stage.noise} in {spec!r}.")
     return stage
 
 
@@ -108,8 +132,13 @@ class Codec:
 
     @property
     def changes_values(self):
-        """True when the receiver's arrays differ from the sender's (topk or quantize)."""
-        return any(s.name in ("topk", "quantize") for s in self.stages)
+        """True when the receiver's arrays differ from the sender's (``VALUE_STAGES``)."""
+        return any(s.name in VALUE_STAGES for s in self.stages)
+
+    def projected_width(self, num_params):
+        """k, the values per sample and class after ``project`` (P without it)."""
+        proj = self.stage("project")
+        return num_params if proj is None else math.ceil(proj.fraction * num_params)
 
     # -- sizes ------------------------------------------------------------------------------
     def kept_samples(self, n):
@@ -142,9 +171,15 @@ class Codec:
                 raise CodecError("codec 'inputs' needs the size of one raw input sample "
                                  "(package_layout(fns, input_bytes=...)).")
             return n * layout.input_bytes + 4 * n  # raw inputs and int32 labels
-        tensors = layout.factored_tensors(n, c) if self.stage("factored") else \
-            layout.dense_tensors(n, c)
-        return sum(self._values_nbytes(t) for t in tensors) + 4 * n * c + 4 * n
+        if self.stage("project"):
+            k = self.projected_width(sum(math.prod(s) for s in layout.shapes))
+            return self._values_nbytes(n * c * k) + PROJECT_HEADER + 4 * n * c + 4 * n
+        raw = 0
+        if self.stage("factored"):
+            tensors, raw = layout.factored_tensors(n, c)
+        else:
+            tensors = layout.dense_tensors(n, c)
+        return raw + sum(self._values_nbytes(t) for t in tensors) + 4 * n * c + 4 * n
 
 
 class PackageLayout(typing.NamedTuple):
@@ -167,17 +202,24 @@ class PackageLayout(typing.NamedTuple):
         return [n * c * math.prod(s) for s in self.shapes]
 
     def factored_tensors(self, n, c):
-        """Value counts of the tensors sent: per Dense layer its inputs ``[n, d]`` and, unless
-        it is a linear output layer, its signal ``[n, C, h]`` (the bias block is the signal
-        itself), or its dense blocks where those are smaller; other variables dense."""
-        tensors, covered = [], set()
-        for kernel, bias, d, h, signal in self.factors:
+        """What ``factored`` sends: ``(value_counts, raw_bytes)``. Per Dense layer its inputs
+        ``[n, d]`` and, unless it is a linear output layer, its signal ``[n, C, h]`` (the bias
+        block is the signal itself), or its dense blocks where those are smaller; other
+        variables dense. The first layer's inputs are the raw samples (``raw_bytes``) when
+        ``input_bytes`` is known."""
+        tensors, covered, raw = [], set(), 0
+        for layer, (kernel, bias, d, h, signal) in enumerate(self.factors):
             dense = [n * c * d * h] + ([n * c * h] if bias >= 0 else [])
             factored = [n * d] + ([n * c * h] if signal else [])
-            tensors += factored if sum(factored) <= sum(dense) else dense
+            if sum(factored) > sum(dense):
+                tensors += dense
+            elif layer == 0 and self.input_bytes is not None:
+                raw, tensors = n * self.input_bytes, tensors + factored[1:]
+            else:
+                tensors += factored
             covered |= {kernel, bias}
         tensors += [n * c * math.prod(s) for i, s in enumerate(self.shapes) if i not in covered]
-        return tensors
+        return tensors, raw
 
 
 def package_layout(fns, input_bytes=None):
@@ -206,13 +248,77 @@ def parse(spec):
     if len(set(names)) != len(names) or names != sorted(names, key=ORDER.index):
         raise CodecError(f"Codec stages in {spec!r} must appear at most once each, in the order "
                          f"{' + '.join(ORDER)} (each acts on what the previous one leaves).")
-    if "inputs" in names and len(set(names) & {"factored", "topk", "quantize"}):
+    if "inputs" in names and len(set(names) & {"factored", *VALUE_STAGES}):
         raise CodecError(f"Codec {spec!r}: 'inputs' sends the raw samples; it combines with "
                          "subsample only (the Jacobian stages have nothing left to act on).")
+    if "factored" in names and len(set(names) & set(VALUE_STAGES)):
+        raise CodecError(f"Codec {spec!r}: {', '.join(VALUE_STAGES)} act on the dense "
+                         "Jacobians; use them without 'factored', or 'factored' alone "
+                         "(lossless).")
     return Codec(spec, tuple(s for s in stages if s.name != "identity"))
 
 
 # -- what the receiver gets ----------------------------------------------------------------------
+class Sketch(typing.NamedTuple):
+    """A count sketch S (k x P): parameter p goes to bucket ``bucket[p]`` with ``sign[p]``."""
+
+    bucket: np.ndarray  # int32 [P], every bucket of 0..k-1 holds floor or ceil of P/k
+    sign: np.ndarray  # float32 [P], +-1
+
+    def project(self, flat):
+        """``[..., P]`` -> ``[..., k]``: flat @ S^T."""
+        order = np.argsort(self.bucket, kind="stable")
+        starts = np.flatnonzero(np.diff(self.bucket[order], prepend=-1))
+        return np.add.reduceat(flat[..., order] * self.sign[order], starts, axis=-1)
+
+
+def make_sketch(codec, num_params, seed):
+    """The round's ``Sketch`` for ``project`` (None without it), the same at both ends."""
+    k = codec.projected_width(num_params)
+    if k == num_params and codec.stage("project") is None:
+        return None
+    rng = np.random.default_rng([seed, 0x5ce7c4])
+    bucket = (rng.permutation(num_params) % k).astype(np.int32)  # balanced: none empty
+    return Sketch(bucket, rng.choice(np.array([-1.0, 1.0], np.float32), num_params))
+
+
+def encode_package_values(codec, jacobians, logits, rng, sketch=None, sent=True):
+    """A package's Jacobians and logits as its receiver decodes them.
+
+    Args:
+        codec: the ``Codec``.
+        jacobians: per variable ``[n, C, *shape]``.
+        logits: ``[n, C]``.
+        rng: NumPy generator for the codec's randomness (noise, stochastic rounding).
+        sketch: the round's ``Sketch`` when the codec projects.
+        sent: False for the receiver's own Jacobians: only projected (never sent).
+
+    Returns:
+        ``(jacobians, logits)``: a list of arrays (one ``[n, C, k]`` array after ``project``).
+    """
+    n = len(logits)
+    jacobians = [np.asarray(j, np.float32) for j in jacobians]
+    logits = np.asarray(logits, np.float32)
+    if sketch is not None:
+        flat = np.concatenate([j.reshape(n, logits.shape[1], -1) for j in jacobians], -1)
+        jacobians = [sketch.project(flat).astype(np.float32)]
+    if not sent:
+        return jacobians, logits
+    dp = codec.stage("dp")
+    if dp is not None and n:
+        norms = np.sqrt(sum(np.sum(np.square(a.reshape(n, -1), dtype=np.float64), axis=1)
+                            for a in (*jacobians, logits)))
+        scale = np.minimum(1.0, dp.clip / np.maximum(norms, 1e-30)).astype(np.float32)
+
+        def noisy(a):
+            clipped = a * scale.reshape((n,) + (1,) * (a.ndim - 1))
+            return clipped + rng.standard_normal(a.shape, np.float32) * np.float32(
+                dp.noise * dp.clip)
+
+        jacobians, logits = [noisy(j) for j in jacobians], noisy(logits)
+    return [encode_values(codec, j, rng) for j in jacobians], logits
+
+
 def encode_values(codec, array, rng):
     """``array`` as the receiver decodes it after ``topk`` and ``quantize`` (float32)."""
     out = np.asarray(array, np.float32).copy()
