@@ -12,8 +12,10 @@ line:
    noiseless one, lambda_max(H/N), the Euler sub-steps per grid step the flow then needs, and
    the cosine between the noisy and noiseless update J^T R at the first grid step;
 2. epsilon(delta) from ``dp-accounting``'s RDP accountant (``ntkdfl_tf.privacy``) over
-   rounds x kappa releases per sample (one package per neighbour and round; subsampling
-   amplification is not claimed, so it is an upper bound; labels are not covered);
+   rounds x kappa releases per sample (one package per neighbour and round), with noise
+   multiplier noise / 2: replacing one sample moves its clipped row by up to 2 * clip.
+   Subsampling amplification is not claimed. It covers the packages' Jacobian rows and logits
+   only (the codec's docstring lists what else a client reveals);
 3. the aggregated test accuracy per round of a ``--clients`` run, when the flow needs at most
    ``--max_substeps`` sub-steps per grid step (beyond that a round takes hours here).
 
@@ -40,7 +42,8 @@ flags.DEFINE_string("base_codec", "subsample:fraction=0.1+project:fraction=0.01"
 flags.DEFINE_integer("clients", 30, "Clients of the training runs.")
 flags.DEFINE_integer("rounds", 5, "Rounds.")
 flags.DEFINE_integer("num_neighbors", 5, "kappa.")
-flags.DEFINE_integer("jacobian_batches", 6, "Jacobian batching m.")
+flags.DEFINE_integer("jacobian_batches", 1, "Jacobian batching m (1: the flow starts from "
+                     "the packages' noised logits; with m > 1 senders re-evaluate them).")
 flags.DEFINE_integer("max_substeps", 20, "Train only when the flow needs at most this many.")
 flags.DEFINE_float("delta", 1e-5, "delta of epsilon(delta).")
 flags.DEFINE_integer("clip_samples", 256, "Images whose median norm sets the clip.")
@@ -59,7 +62,7 @@ def sample_norms(fns, weights, feats):
 
 def receiver_view(fns, weights, clients, codec, seed=0):
     """Client 0's kernel and first update from its own data and clients 1-5's packages."""
-    rng = np.random.default_rng(seed)
+    rng, noise_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     sketch = codecs.make_sketch(codec, fns.num_params, seed)
     rows, residuals = [], []
     for sender in range(6):
@@ -70,7 +73,7 @@ def receiver_view(fns, weights, clients, codec, seed=0):
         jac = nd.kernels.jacobian(fns, weights, feats)
         logits = fns.forward([w[None] for w in weights], feats)[0].numpy()
         jac, logits = codecs.encode_package_values(codec, [j.numpy() for j in jac], logits,
-                                                   rng, sketch, sent=sender > 0)
+                                                   noise_rng, sketch, sent=sender > 0)
         rows.append(np.concatenate([j.reshape(n, 10, -1) for j in jac], -1))
         residuals.append(tf.nn.softmax(logits).numpy() - np.eye(10)[y[pick]])
     jac, residual = np.concatenate(rows), np.concatenate(residuals)
@@ -108,7 +111,7 @@ def main(argv):
                                       / np.linalg.norm(clean_update)),
                "releases": releases, "delta": FLAGS.delta,
                "epsilon": (float("inf") if noise <= 0 else
-                           privacy.gaussian_epsilon(noise, releases, FLAGS.delta)),
+                           privacy.gaussian_epsilon(noise / 2, releases, FLAGS.delta)),
                "accuracy": None, "client_mean_accuracy": None, "seconds": None}
         if substeps <= FLAGS.max_substeps:
             cfg = experiment.Config(jacobian_batches=FLAGS.jacobian_batches,

@@ -129,6 +129,8 @@ class NTKDFLWorker(base.Worker):
             jac = [np.concatenate([p[v].numpy() for p in parts]) for v in range(len(w))]
             for s in np.flatnonzero(call.valid[b]):  # cut into one package per sender
                 take = (rows >= s * n) & (rows < (s + 1) * n)
+                if not take.any():  # a subsampled package may hold none of this slice
+                    continue
                 specs = protocol.package_specs(int(take.sum()), self.fns.num_classes,
                                                self.fns.shapes)
                 package = protocol.JacobianPackage(int(call.senders[b, s]), int(call.members[b]),

@@ -29,7 +29,10 @@ What each stage does to a Jacobian package of n samples (C classes, P parameters
 - ``dp``: the Gaussian mechanism per sample: the sample's Jacobian (its projection after
   ``project``) and logits, as one vector, are clipped to L2 norm ``clip`` and every entry gets
   N(0, (noise * clip)^2). ``ntkdfl_tf.privacy.gaussian_epsilon`` turns the noise multiplier and
-  the number of packages a sample went into into epsilon(delta). Labels are not protected.
+  the number of packages a sample went into into epsilon(delta). It covers the packages'
+  Jacobian rows and logits only: the labels, the logits senders give at later Jacobian-batching
+  slices, the losses that choose tau and the weights a client sends are not noised. The noise
+  adds k * (noise * clip)^2 to the expected diagonal of H (k values per sample and class).
 - ``topk``: per tensor, only the ``ceil(fraction * size)`` entries largest in magnitude are
   sent, with their int32 indices; the rest arrive as zero.
 - ``quantize``: per tensor, values are rounded to ``2**bits`` uniform levels between the
@@ -213,7 +216,7 @@ class PackageLayout(typing.NamedTuple):
             factored = [n * d] + ([n * c * h] if signal else [])
             if sum(factored) > sum(dense):
                 tensors += dense
-            elif layer == 0 and self.input_bytes is not None:
+            elif layer == 0 and self.input_bytes is not None and self.input_bytes <= 4 * d:
                 raw, tensors = n * self.input_bytes, tensors + factored[1:]
             else:
                 tensors += factored
@@ -275,7 +278,7 @@ class Sketch(typing.NamedTuple):
 def make_sketch(codec, num_params, seed):
     """The round's ``Sketch`` for ``project`` (None without it), the same at both ends."""
     k = codec.projected_width(num_params)
-    if k == num_params and codec.stage("project") is None:
+    if codec.stage("project") is None:
         return None
     rng = np.random.default_rng([seed, 0x5ce7c4])
     bucket = (rng.permutation(num_params) % k).astype(np.int32)  # balanced: none empty
