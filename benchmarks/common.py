@@ -7,6 +7,8 @@ needed: cnn.py's watching process never loads it.
 
 import resource
 
+import numpy as np
+
 from absl import flags
 
 
@@ -75,3 +77,29 @@ def rss_mb(pid="self"):
     except OSError:
         pass
     return 0.0
+
+
+def save_image_grid(originals, rows, title, path, shown=None):
+    """Originals on top, then one row per ``(label, images)`` (raw 0..255 units; an image that
+    is None leaves its cell empty), written with ``ntkdfl_tf.io.save_figure``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ntkdfl_tf import io
+
+    shown = shown or len(originals)
+    fig, axes = plt.subplots(len(rows) + 1, shown, squeeze=False,
+                             figsize=(1.2 * shown, 1.25 * (len(rows) + 1)))
+    for r, (label, images) in enumerate([("original", originals)] + list(rows)):
+        for k in range(shown):
+            if images[k] is not None:
+                axes[r, k].imshow(np.clip(images[k][..., 0], 0, 255), cmap="gray", vmin=0,
+                                  vmax=255)
+        axes[r, 0].set_ylabel(label.replace(":", "\n"), fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    io.save_figure(fig, path)

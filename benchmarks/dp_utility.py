@@ -23,10 +23,12 @@ Noise ``-1``: no ``dp`` stage. Writes ``dp.csv`` into ``--out``.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
@@ -52,12 +54,11 @@ flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_D
 FLAGS = flags.FLAGS
 
 
-def sample_norms(fns, weights, feats):
-    """Per-sample L2 norm of (Jacobian, logits)."""
-    squares = sum(tf.reduce_sum(tf.reshape(j, [len(feats), -1]) ** 2, 1)
-                  for j in nd.kernels.jacobian(fns, weights, feats))
-    logits = fns.forward([w[None] for w in weights], feats)[0]
-    return np.sqrt((squares + tf.reduce_sum(logits ** 2, 1)).numpy())
+def sample_norms(package):
+    """Per-sample L2 norm of a package's (Jacobian, logits)."""
+    n = package.num_samples
+    return np.sqrt(sum(np.sum(np.square(a.reshape(n, -1), dtype=np.float64), 1)
+                       for a in (*package.jacobians, package.logits)))
 
 
 def receiver_view(fns, weights, clients, codec, seed=0):
@@ -69,16 +70,15 @@ def receiver_view(fns, weights, clients, codec, seed=0):
         x, y = clients[sender]
         n = codec.kept_samples(len(x)) if sender else len(x)
         pick = rng.permutation(len(x))[:n]
-        feats = fns.features(x[pick])
-        jac = nd.kernels.jacobian(fns, weights, feats)
-        logits = fns.forward([w[None] for w in weights], feats)[0].numpy()
-        jac, logits = codecs.encode_package_values(codec, [j.numpy() for j in jac], logits,
-                                                   noise_rng, sketch, sent=sender > 0)
-        rows.append(np.concatenate([j.reshape(n, 10, -1) for j in jac], -1))
-        residuals.append(tf.nn.softmax(logits).numpy() - np.eye(10)[y[pick]])
-    jac, residual = np.concatenate(rows), np.concatenate(residuals)
-    h = np.einsum("acp,bcp->ab", jac, jac) / 10
-    update = np.einsum("ncp,nc->p", jac, residual)
+        package = privacy.jacobian_package(fns, weights, x[pick], y[pick], sender, 0)
+        decoded = codecs.encode_package_values(codec, package.jacobians, package.logits,
+                                               noise_rng, sketch, sent=sender > 0)
+        rows.append(np.concatenate([j.reshape(n, fns.num_classes, -1)
+                                    for j in decoded.jacobians], -1))
+        residuals.append(tf.nn.softmax(decoded.logits).numpy() - np.eye(10)[y[pick]])
+    jac, residual = tf.constant(np.concatenate(rows)), np.concatenate(residuals)
+    h = nd.kernels.explicit.traced_kernel(jac, jac).numpy()
+    update = np.einsum("ncp,nc->p", jac.numpy(), residual)
     if sketch is not None:  # S^T back to the parameters
         update = update[sketch.bucket] * sketch.sign
     return h, update
@@ -87,11 +87,16 @@ def receiver_view(fns, weights, clients, codec, seed=0):
 def main(argv):
     del argv
     (x, y), test = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
+    keras.utils.set_random_seed(0)  # the initial weights, and so the clip, are reproducible
     fns = functional.ModelFunctions(nd.models.mlp())
-    weights = [tf.constant(w) for w in fns.initial_weights()]
-    clip = float(np.median(sample_norms(fns, weights, fns.features(x[:FLAGS.clip_samples]))))
-    clients = nd.data.dirichlet_partition(x, y, FLAGS.clients, 0.1, seed=0,
-                                          samples_per_client=200)
+    weights = fns.initial_weights()
+    probe = privacy.jacobian_package(fns, weights, x[:FLAGS.clip_samples],
+                                     y[:FLAGS.clip_samples])
+    clip = float(np.median(sample_norms(probe)))
+    del probe
+    base = experiment.Config(num_clients=FLAGS.clients, num_neighbors=FLAGS.num_neighbors,
+                             jacobian_batches=FLAGS.jacobian_batches)
+    clients = experiment.partition(base, x, y)
     pairs = [(clients.x[i, :c], clients.y[i, :c]) for i, c in enumerate(clients.counts[:6])]
     clean_h, clean_update = receiver_view(fns, weights, pairs, codecs.parse(FLAGS.base_codec))
     rows = []
@@ -114,16 +119,12 @@ def main(argv):
                            privacy.gaussian_epsilon(noise / 2, releases, FLAGS.delta)),
                "accuracy": None, "client_mean_accuracy": None, "seconds": None}
         if substeps <= FLAGS.max_substeps:
-            cfg = experiment.Config(jacobian_batches=FLAGS.jacobian_batches,
-                                    num_neighbors=FLAGS.num_neighbors, codec=spec)
-            trainer = nd.DecentralizedTrainer(nd.models.mlp, experiment.make_algorithm(cfg),
-                                              experiment.make_topology(cfg), seed=0,
-                                              channel=experiment.make_channel(cfg))
+            trainer = experiment.make_trainer(dataclasses.replace(base, codec=spec))
             start = time.time()
-            h = trainer.fit(clients, rounds=FLAGS.rounds, validation_data=test,
-                            verbose=0).history
-            row.update(accuracy=[round(a, 4) for a in h["val_accuracy"]],
-                       client_mean_accuracy=round(h["val_client_mean_accuracy"][-1], 4),
+            history = trainer.fit(clients, rounds=FLAGS.rounds, validation_data=test,
+                                  verbose=0).history
+            row.update(accuracy=[round(a, 4) for a in history["val_accuracy"]],
+                       client_mean_accuracy=round(history["val_client_mean_accuracy"][-1], 4),
                        seconds=round(time.time() - start, 1))
         print(json.dumps(row), flush=True)
         rows.append(row)

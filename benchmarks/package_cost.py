@@ -32,11 +32,9 @@ def main(argv):
     clients = nd.data.dirichlet_partition(x, y, FLAGS.clients, 0.1, seed=0,
                                           samples_per_client=FLAGS.samples_per_client)
     for spec in FLAGS.codecs:
-        cfg = experiment.Config(taus=(100,), jacobian_batches=FLAGS.jacobian_batches,
-                                num_neighbors=FLAGS.num_neighbors, codec=spec)
-        trainer = nd.DecentralizedTrainer(nd.models.mlp, experiment.make_algorithm(cfg),
-                                          experiment.make_topology(cfg), seed=0,
-                                          channel=experiment.make_channel(cfg))
+        trainer = experiment.make_trainer(experiment.Config(
+            taus=(100,), jacobian_batches=FLAGS.jacobian_batches,
+            num_neighbors=FLAGS.num_neighbors, codec=spec))
         h = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0).history
         print(json.dumps({"codec": spec, "clients": FLAGS.clients,
                           "samples_per_client": FLAGS.samples_per_client,

@@ -12,8 +12,9 @@ recoveries.
 
 import json
 
+import common
+import keras
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
 import ntkdfl_tf as nd
@@ -27,16 +28,6 @@ flags.DEFINE_list("codecs", ["identity", "factored", "quantize:bits=8", "quantiz
 flags.DEFINE_string("figure", None, "Where to write the figure (.png); none if unset.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
-
-
-def package(fns, images, labels):
-    weights = [tf.constant(w) for w in fns.initial_weights()]
-    feats = fns.features(images)
-    jac = [j.numpy() for j in nd.kernels.jacobian(fns, weights, feats)]
-    logits = fns.forward([w[None] for w in weights], feats)[0].numpy()
-    lazy = nd.protocol.JacobianPackage(0, 1, nd.protocol.package_specs(len(images), 10,
-                                                                        fns.shapes))
-    return lazy.materialise(jac, logits, labels.astype(np.int32))
 
 
 def received(codec, full, rng):
@@ -56,8 +47,9 @@ def main(argv):
     del argv
     (x, y), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
     images, labels = x[:FLAGS.images], y[:FLAGS.images]
+    keras.utils.set_random_seed(0)  # reproducible initial weights
     fns = functional.ModelFunctions(nd.models.mlp())
-    full = package(fns, images, labels)
+    full = privacy.jacobian_package(fns, fns.initial_weights(), images, labels)
     rng = np.random.default_rng(0)
     rows = []
     for spec in FLAGS.codecs:
@@ -74,29 +66,13 @@ def main(argv):
         print(json.dumps(line), flush=True)
         rows.append((spec, keep, recovered))
     if FLAGS.figure:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         shown = min(6, FLAGS.images)
-        fig, axes = plt.subplots(len(rows) + 1, shown, figsize=(1.3 * shown, 1.35 * (len(rows) + 1)))
-        for k in range(shown):
-            axes[0, k].imshow(images[k, ..., 0], cmap="gray", vmin=0, vmax=255)
-        axes[0, 0].set_ylabel("original", fontsize=7)
-        for r, (spec, keep, recovered) in enumerate(rows, start=1):
-            for k in range(shown):
-                if k in keep:
-                    axes[r, k].imshow(recovered[k, ..., 0], cmap="gray", vmin=0, vmax=1)
-            axes[r, 0].set_ylabel(spec.replace(":", "\n"), fontsize=6)
-        for ax in axes.ravel():
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle("What a neighbour recovers from one Jacobian package (MLP, Fashion-MNIST)",
-                     fontsize=8)
-        fig.tight_layout()
-        nd.io.save_figure(fig, FLAGS.figure)
+        common.save_image_grid(
+            images, [(spec, [255 * recovered[k] if k in keep else None for k in range(shown)])
+                     for spec, keep, recovered in rows],
+            "What a neighbour recovers from one Jacobian package (MLP, Fashion-MNIST)",
+            FLAGS.figure, shown)
         print(json.dumps({"figure": FLAGS.figure}))
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -17,9 +17,9 @@ recoveries.
 import json
 import time
 
+import common
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
 import ntkdfl_tf as nd
@@ -35,16 +35,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the initial weights and of the starting
 flags.DEFINE_string("figure", None, "Where to write the figure (.png); none if unset.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
-
-
-def package(fns, weights, images, labels):
-    """The package a neighbour would send: Jacobians, logits and labels at ``weights``."""
-    feats = fns.features(images)
-    jac = [j.numpy() for j in nd.kernels.jacobian(fns, [tf.constant(w) for w in weights], feats)]
-    logits = fns.forward([tf.constant(w)[None] for w in weights], feats)[0].numpy()
-    lazy = nd.protocol.JacobianPackage(0, 1, nd.protocol.package_specs(len(images), 10,
-                                                                        fns.shapes))
-    return lazy.materialise(jac, logits, labels.astype(np.int32))
 
 
 def report(images, line, inputs):
@@ -65,7 +55,7 @@ def main(argv):
         keras.utils.set_random_seed(FLAGS.seed)
         fns = functional.ModelFunctions(nd.models.MODELS[name]())
         weights = fns.initial_weights()
-        plain = package(fns, weights, images, labels)
+        plain = privacy.jacobian_package(fns, weights, images, labels)
         settings = [("identity", plain, s) for s in steps]
         if name == "cnn" and FLAGS.codec:
             codec, rng = codecs.parse(FLAGS.codec), np.random.default_rng(FLAGS.seed)
@@ -85,30 +75,11 @@ def main(argv):
             report(images, line, got.inputs)
             rows.append((f"{name} {spec}\n{count} steps", got.inputs))
     if FLAGS.figure:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        shown = FLAGS.images
-        fig, axes = plt.subplots(len(rows) + 1, shown, squeeze=False,
-                                 figsize=(1.1 * shown, 1.15 * (len(rows) + 1)))
-        for k in range(shown):
-            axes[0, k].imshow(images[k, ..., 0], cmap="gray", vmin=0, vmax=255)
-        axes[0, 0].set_ylabel("original", fontsize=6)
-        for r, (title, inputs) in enumerate(rows, start=1):
-            for k in range(shown):
-                axes[r, k].imshow(np.clip(inputs[k, ..., 0], 0, 255), cmap="gray", vmin=0,
-                                  vmax=255)
-            axes[r, 0].set_ylabel(title.replace(":", "\n"), fontsize=5)
-        for ax in axes.ravel():
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle("Gradient matching on one Jacobian package (Fashion-MNIST, initial weights)",
-                     fontsize=7)
-        fig.tight_layout()
-        nd.io.save_figure(fig, FLAGS.figure)
+        common.save_image_grid(
+            images, [(f"{title}", list(inputs)) for title, inputs in rows],
+            "Gradient matching on one Jacobian package (Fashion-MNIST, initial weights)",
+            FLAGS.figure)
         print(json.dumps({"figure": FLAGS.figure}))
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -209,6 +209,14 @@ def validate(cfg):
             raise ValueError(f"Cannot write to {folder!r}; choose a writable folder.")
 
 
+def make_trainer(cfg):
+    """The ``DecentralizedTrainer`` that ``cfg`` describes (model, algorithm, graph, faults,
+    executor and channel; its seed)."""
+    return DecentralizedTrainer(make_model_fn(cfg), make_algorithm(cfg), make_topology(cfg),
+                                seed=cfg.seed, faults=make_faults(cfg),
+                                executor=make_executor(cfg), channel=make_channel(cfg))
+
+
 def run(cfg, dataset=None):
     """Trains according to ``cfg`` and writes history, TensorBoard events and the model.
 
@@ -224,9 +232,7 @@ def run(cfg, dataset=None):
     t0 = time.perf_counter()
     (x_train, y_train), (x_test, y_test) = dataset or data.load(cfg.dataset, data_dir=cfg.data_dir)
     clients = partition(cfg, x_train, y_train)
-    trainer = DecentralizedTrainer(make_model_fn(cfg), make_algorithm(cfg), make_topology(cfg),
-                                   seed=cfg.seed, faults=make_faults(cfg),
-                                   executor=make_executor(cfg), channel=make_channel(cfg))
+    trainer = make_trainer(cfg)
     final = callbacks.FinalAggregation(cfg.save_dir, run_name)
     history_path = os.path.join(cfg.logdir, "history.csv")
     cbs = [callbacks.HistoryCSV(history_path),

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ntkdfl_tf import protocol
 from ntkdfl_tf.kernels import explicit
 
 
@@ -45,6 +46,18 @@ class Reconstruction(typing.NamedTuple):
     labels: np.ndarray
     recovered: np.ndarray
     distance: typing.Optional[np.ndarray] = None
+
+
+def jacobian_package(fns, weights, images, labels, sender=0, receiver=1):
+    """The materialised package a client holding ``images`` sends to a receiver whose averaged
+    weights are ``weights`` (one client's list, no client axis): Jacobians, logits, labels."""
+    weights = [tf.constant(w, tf.float32) for w in weights]
+    feats = fns.features(images)
+    jac = [j.numpy() for j in explicit.jacobian(fns, weights, feats)]
+    logits = fns.forward([w[None] for w in weights], feats)[0].numpy()
+    specs = protocol.package_specs(len(images), fns.num_classes, fns.shapes)
+    return protocol.JacobianPackage(sender, receiver, specs).materialise(
+        jac, logits, np.asarray(labels, np.int32))
 
 
 def reconstruct(package, fns):
@@ -205,14 +218,14 @@ def match_gradients(package, fns, weights, steps=300, learning_rate=0.3, distanc
         optimizer.build([guess])
 
         @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                _, loss = objective()
-            optimizer.apply_gradients([(tape.gradient(loss, guess), guess)])
-            guess.assign(tf.clip_by_value(guess, 0.0, 1.0))
+        def search():
+            for _ in tf.range(int(steps)):  # one traced loop, no Python round trip per step
+                with tf.GradientTape() as tape:
+                    _, loss = objective()
+                optimizer.apply_gradients([(tape.gradient(loss, guess), guess)])
+                guess.assign(tf.clip_by_value(guess, 0.0, 1.0))
 
-        for _ in range(int(steps)):
-            step()
+        search()
     final = tf.function(objective)()[0].numpy()
     inputs = low + (high - low) * guess.numpy().astype(np.float64)
     return Reconstruction(inputs, np.asarray(package.labels), np.isfinite(final), final)

@@ -15,12 +15,7 @@ def package_and_images(fashion):
     (x, y), _ = fashion
     images, labels = x[:8], y[:8].astype(np.int32)
     fns = functional.ModelFunctions(nd.models.mlp())
-    weights = [tf.constant(w) for w in fns.initial_weights()]
-    feats = fns.features(images)
-    jac = [j.numpy() for j in nd.kernels.jacobian(fns, weights, feats)]
-    logits = fns.forward([w[None] for w in weights], feats)[0].numpy()
-    lazy = nd.protocol.JacobianPackage(0, 1, nd.protocol.package_specs(8, 10, fns.shapes))
-    return lazy.materialise(jac, logits, labels), images, fns
+    return privacy.jacobian_package(fns, fns.initial_weights(), images, labels), images, fns
 
 
 def test_the_plain_package_gives_every_input_and_label_exactly(package_and_images):
@@ -64,11 +59,8 @@ def cnn_package(fashion):
     tf.keras.utils.set_random_seed(0)
     fns = functional.ModelFunctions(nd.models.cnn())
     weights = fns.initial_weights()
-    feats = fns.features(images)
-    jac = [j.numpy() for j in nd.kernels.jacobian(fns, [tf.constant(w) for w in weights], feats)]
-    logits = fns.forward([tf.constant(w)[None] for w in weights], feats)[0].numpy()
-    lazy = nd.protocol.JacobianPackage(0, 1, nd.protocol.package_specs(4, 10, fns.shapes))
-    return lazy.materialise(jac, logits, labels), images, fns, weights, x[:1000].mean()
+    return (privacy.jacobian_package(fns, weights, images, labels), images, fns, weights,
+            x[:1000].mean())
 
 
 def test_gradient_matching_recovers_cnn_inputs(cnn_package):

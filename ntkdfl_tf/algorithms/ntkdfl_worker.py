@@ -220,10 +220,11 @@ def encode_package(codec, package, rng, sketch=None):
     """The package as its receiver decodes it (``codecs.encode_package_values``); the
     receiver's own package is only projected (it is not sent). After ``project`` the package
     holds one ``[n, C, k]`` array instead of its specs' Jacobians."""
-    jacobians, logits = protocol.codecs.encode_package_values(
+    decoded = protocol.codecs.encode_package_values(
         codec, package.jacobians, package.logits, rng, sketch,
         sent=package.sender != package.receiver)
-    return dataclasses.replace(package, jacobians=tuple(jacobians), logits=logits)
+    return dataclasses.replace(package, jacobians=tuple(decoded.jacobians),
+                               logits=decoded.logits)
 
 
 def stack_packages(packages, layout, sketch=None):
@@ -246,7 +247,8 @@ def stack_packages(packages, layout, sketch=None):
         jac[b, at] = np.concatenate([j.reshape(len(rows), c, -1) for j in package.jacobians], -1)
         placement[b, at, rows] = 1.0
         logits[b, rows], labels[b, rows] = package.logits, package.labels
-    bucket, sign = (np.zeros(0, np.int32), np.zeros(0, np.float32)) if sketch is None else sketch
+    bucket, sign = ((np.zeros(0, np.int32), np.zeros(0, np.float32)) if sketch is None else
+                    (sketch.bucket, sketch.sign))
     return ReceivedPackages(tf.constant(jac), tf.constant(placement), tf.constant(logits),
                             tf.constant(labels), tf.constant(bucket), tf.constant(sign))
 

@@ -263,16 +263,21 @@ def parse(spec):
 
 # -- what the receiver gets ----------------------------------------------------------------------
 class Sketch(typing.NamedTuple):
-    """A count sketch S (k x P): parameter p goes to bucket ``bucket[p]`` with ``sign[p]``."""
+    """A count sketch S (k x P): parameter p goes to bucket ``bucket[p]`` with ``sign[p]``.
+
+    ``order`` lists the parameters bucket by bucket and ``starts`` where each bucket begins in
+    it (``make_sketch`` fills both), so ``project`` is one gather and one segmented sum.
+    """
 
     bucket: np.ndarray  # int32 [P], every bucket of 0..k-1 holds floor or ceil of P/k
     sign: np.ndarray  # float32 [P], +-1
+    order: np.ndarray  # int [P]
+    starts: np.ndarray  # int [k]
 
     def project(self, flat):
         """``[..., P]`` -> ``[..., k]``: flat @ S^T."""
-        order = np.argsort(self.bucket, kind="stable")
-        starts = np.flatnonzero(np.diff(self.bucket[order], prepend=-1))
-        return np.add.reduceat(flat[..., order] * self.sign[order], starts, axis=-1)
+        return np.add.reduceat(flat[..., self.order] * self.sign[self.order], self.starts,
+                               axis=-1)
 
 
 def make_sketch(codec, num_params, seed):
@@ -282,7 +287,16 @@ def make_sketch(codec, num_params, seed):
         return None
     rng = np.random.default_rng([seed, 0x5ce7c4])
     bucket = (rng.permutation(num_params) % k).astype(np.int32)  # balanced: none empty
-    return Sketch(bucket, rng.choice(np.array([-1.0, 1.0], np.float32), num_params))
+    order = np.argsort(bucket, kind="stable")
+    return Sketch(bucket, rng.choice(np.array([-1.0, 1.0], np.float32), num_params), order,
+                  np.flatnonzero(np.diff(bucket[order], prepend=-1)))
+
+
+class Decoded(typing.NamedTuple):
+    """A package's arrays as its receiver decodes them."""
+
+    jacobians: list  # per variable [n, C, *shape], or one [n, C, k] after ``project``
+    logits: np.ndarray  # [n, C]
 
 
 def encode_package_values(codec, jacobians, logits, rng, sketch=None, sent=True):
@@ -297,7 +311,7 @@ def encode_package_values(codec, jacobians, logits, rng, sketch=None, sent=True)
         sent: False for the receiver's own Jacobians: only projected (never sent).
 
     Returns:
-        ``(jacobians, logits)``: a list of arrays (one ``[n, C, k]`` array after ``project``).
+        ``Decoded``.
     """
     n = len(logits)
     jacobians = [np.asarray(j, np.float32) for j in jacobians]
@@ -306,7 +320,7 @@ def encode_package_values(codec, jacobians, logits, rng, sketch=None, sent=True)
         flat = np.concatenate([j.reshape(n, logits.shape[1], -1) for j in jacobians], -1)
         jacobians = [sketch.project(flat).astype(np.float32)]
     if not sent:
-        return jacobians, logits
+        return Decoded(jacobians, logits)
     dp = codec.stage("dp")
     if dp is not None and n:
         norms = np.sqrt(sum(np.sum(np.square(a.reshape(n, -1), dtype=np.float64), axis=1)
@@ -319,7 +333,7 @@ def encode_package_values(codec, jacobians, logits, rng, sketch=None, sent=True)
                 dp.noise * dp.clip)
 
         jacobians, logits = [noisy(j) for j in jacobians], noisy(logits)
-    return [encode_values(codec, j, rng) for j in jacobians], logits
+    return Decoded([encode_values(codec, j, rng) for j in jacobians], logits)
 
 
 def encode_values(codec, array, rng):
