@@ -50,6 +50,16 @@ _HELP = {
              "that order (subsample, factored, topk, quantize).",
     "weight_codec": "Weight messages on the wire: identity, quantize:bits=8, topk:fraction=0.1 "
                     "(or both, joined by +).",
+    "byzantine_fraction": "Share of Byzantine clients in [0, 1) (drawn once from the seed).",
+    "attack": "What Byzantine clients send: none, sign_flip, gaussian, scaling, alie, ipm, "
+              "dissensus, adaptive; NTK-DFL packages: jacobian_scale, jacobian_sign_flip, "
+              "jacobian_noise, logit_shift, label_flip.",
+    "attack_params": "The attack's parameters as key=value,..., e.g. epsilon=100.",
+    "defence": "How receivers average and screen: none, median, trimmed_mean, clipping, "
+               "balance, screen (NTK-DFL packages), or <rule>+screen.",
+    "defence_params": "The defence's parameters as key=value,..., e.g. f=1 or clip_ratio=4.",
+    "final_aggregation": "Final model: mean of every client, or robust (clients near the "
+                         "coordinate-wise median; the kept ones are logged).",
     "resume": "Continue from <logdir>/checkpoint.npz if it exists (--noresume: start afresh).",
     "executor": "local (this process) or ray (Ray actors; pip install 'ntkdfl_tf[ray]').",
     "ray_address": "Ray cluster to join (auto, ray://host:10001); unset starts a local one.",

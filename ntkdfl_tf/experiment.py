@@ -7,14 +7,17 @@
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
 
 import keras
+import numpy as np
 
-from ntkdfl_tf import algorithms, callbacks, data, models, protocol, topology
+from ntkdfl_tf import algorithms, callbacks, data, defences, models, protocol, topology
 from ntkdfl_tf import faults as faults_lib
+from ntkdfl_tf.io import atomic_open
 from ntkdfl_tf.trainer import DecentralizedTrainer, stream_rng
 
 
@@ -59,6 +62,14 @@ class Config:
     codec: str = "identity"  # Jacobian packages on the wire (ntkdfl_tf.protocol.codecs)
     weight_codec: str = "identity"  # weight messages on the wire
     leave: str = ""  # client:round pairs, e.g. "3:5,7:10"
+    # Byzantine senders (ntkdfl_tf.protocol.byzantine) and the receivers' defence
+    # (ntkdfl_tf.defences); parameters as "key=value,...", e.g. --attack_params=epsilon=100
+    byzantine_fraction: float = 0.0
+    attack: str = "none"
+    attack_params: str = ""
+    defence: str = "none"
+    defence_params: str = ""
+    final_aggregation: str = "mean"  # or "robust"
     executor: str = "local"  # or "ray"
     ray_address: str = None  # None: start a local Ray instance; "auto" or ray://host:10001
     ray_actors: int = 2
@@ -89,6 +100,11 @@ PRESETS = {
     "paper_single_tau": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                              rounds=40, jacobian_batches=6, client_batch=30, jit_compile=True,
                              taus=(100,), logdir="runs/paper_single_tau"),
+    # The Byzantine matrix (launchers/byzantine.py): 100 clients, 30 rounds, one candidate tau
+    # and m = 6, which keeps an NTK-DFL run near a minute here.
+    "byzantine": dict(num_clients=100, alpha=0.1, num_neighbors=5, samples_per_client=200,
+                      rounds=30, jacobian_batches=6, client_batch=25, jit_compile=True,
+                      taus=(100,), verbose=0, logdir="runs/byzantine"),
 }
 
 
@@ -133,10 +149,38 @@ def make_faults(cfg):
     return faults_lib.Faults(cfg.dropout, leave)
 
 
+def parse_params(text, flag):
+    """``"key=value,..."`` -> a dict of numbers (``""``: empty); ValueError naming ``flag``."""
+    params = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not key.strip() or number is None:
+            raise ValueError(f"--{flag}: {item!r} is not key=number; write e.g. "
+                             f"--{flag}=epsilon=100,scale=2.")
+        params[key.strip()] = int(number) if number.is_integer() and "." not in value else number
+    return params
+
+
 def make_channel(cfg):
-    """The channel between clients (``--message_loss``)."""
+    """The channel between clients (``--message_loss``, codecs, Byzantine senders)."""
+    byzantine = None
+    if cfg.byzantine_fraction or cfg.attack != "none":
+        byzantine = protocol.Byzantine(cfg.byzantine_fraction, cfg.attack,
+                                       parse_params(cfg.attack_params, "attack_params"))
     return protocol.Channel(message_loss=cfg.message_loss, codec=cfg.codec,
-                            weight_codec=cfg.weight_codec)
+                            weight_codec=cfg.weight_codec, byzantine=byzantine)
+
+
+def make_defence(cfg):
+    """The receivers' ``defences.Defence`` (``--defence``), or None for the plain mean."""
+    if cfg.defence == "none" and not cfg.defence_params and cfg.final_aggregation == "mean":
+        return None
+    return defences.Defence(cfg.defence, parse_params(cfg.defence_params, "defence_params"),
+                            cfg.final_aggregation)
 
 
 def make_executor(cfg):
@@ -197,7 +241,10 @@ def validate(cfg):
     if faults is not None:
         faults.validate(cfg.num_clients)
     make_channel(cfg)
-    make_algorithm(cfg)
+    algorithm = make_algorithm(cfg)
+    defence = make_defence(cfg)
+    if defence is not None:
+        defence.validate(make_topology(cfg), algorithm)
     make_model_fn(cfg)
     for folder in (cfg.logdir, cfg.save_dir):
         try:
@@ -214,7 +261,8 @@ def make_trainer(cfg):
     executor and channel; its seed)."""
     return DecentralizedTrainer(make_model_fn(cfg), make_algorithm(cfg), make_topology(cfg),
                                 seed=cfg.seed, faults=make_faults(cfg),
-                                executor=make_executor(cfg), channel=make_channel(cfg))
+                                executor=make_executor(cfg), channel=make_channel(cfg),
+                                defence=make_defence(cfg))
 
 
 def run(cfg, dataset=None):
@@ -251,6 +299,12 @@ def run(cfg, dataset=None):
               f"{int(clients.counts.sum())} training samples.", flush=True)
     history = trainer.fit(clients, rounds=cfg.rounds, validation_data=(x_test, y_test),
                           callbacks=cbs, verbose=cfg.verbose)
+    if final.selected_clients is not None and trainer.byzantine_clients is not None:
+        # who the saved model averages, and which of them were Byzantine
+        with atomic_open(os.path.join(cfg.logdir, "final_clients.json"), "w") as f:
+            json.dump({"final_aggregation": cfg.final_aggregation,
+                       "kept": [int(c) for c in final.selected_clients],
+                       "byzantine": np.flatnonzero(trainer.byzantine_clients).tolist()}, f)
     if cfg.verbose and not history.history:
         print(f"Nothing to run: {cfg.logdir} already holds {trainer.round} rounds; pass a larger "
               "--rounds to continue, or --noresume to start afresh.", flush=True)

@@ -1,5 +1,6 @@
 """DecentralizedTrainer: the fit loop. One communication round is one Keras epoch."""
 
+import functools
 import time
 import warnings
 
@@ -7,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ntkdfl_tf import checkpoint, executors, functional, protocol
+from ntkdfl_tf import checkpoint, defences, executors, functional, protocol
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.data.client_data import ClientData
 from ntkdfl_tf.errors import DivergenceError
@@ -17,12 +18,29 @@ EVAL_CHUNK = 2048  # test samples per forward pass
 DIVERGED_WEIGHT = 1e12  # a float32 weight this large means the run has blown up
 # Derived random streams: each is keyed by (root seed, stream, round), so a stream's draws do
 # not depend on how many draws another stream made, and a resumed run needs only the seed.
-STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 4, "channel": 5}
+STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 4, "channel": 5,
+           "byzantine": 6, "adversary": 7}
 
 
 def stream_rng(seed, stream, round_index=0):
     """The NumPy generator of ``stream`` at ``round_index`` under root ``seed``."""
     return np.random.default_rng([int(seed), STREAMS[stream], int(round_index)])
+
+
+def worst_tenth(accuracy):
+    """The mean of the lowest tenth (at least one) of client accuracies."""
+    acc = np.sort(np.asarray(accuracy))
+    return float(acc[:max(1, int(np.ceil(0.1 * len(acc))))].mean())
+
+
+def byzantine_share_max(graph, byzantine):
+    """delta_max: the largest Byzantine share of an honest client's closed neighbourhood
+    (itself and whom the graph lets it hear), as ClippedGossip's delta_i with uniform weights."""
+    honest = ~byzantine
+    if not honest.any():
+        return 0.0
+    share = (graph & byzantine[None]).sum(1) / (graph.sum(1) + 1.0)
+    return float(share[honest].max())
 
 
 def client_weight_spread(weights):
@@ -51,10 +69,13 @@ class DecentralizedTrainer:
         executor: where per-client work runs: ``"local"`` (this process), ``"ray"`` (Ray
             actors on a local instance) or an executor object such as
             ``ntkdfl_tf.executors.RayExecutor(num_actors=8, address="auto")``.
+        defence: an ``ntkdfl_tf.Defence``: how receivers average weights (robust rules), screen
+            Jacobian packages and form the final aggregate; None for the plain mean
+            everywhere. Byzantine senders are the channel's (``Channel(byzantine=...)``).
     """
 
     def __init__(self, model_fn, algorithm, topology, seed=0, eval_batch=16, faults=None,
-                 executor="local", channel=None):
+                 executor="local", channel=None, defence=None):
         if not callable(model_fn):
             raise TypeError(f"model_fn must be a function returning a keras.Model, got {model_fn!r}.")
         if not isinstance(algorithm, base.Algorithm):
@@ -68,8 +89,12 @@ class DecentralizedTrainer:
         if not isinstance(channel, protocol.Channel):
             raise TypeError(f"channel must be an ntkdfl_tf.protocol.Channel or None, got "
                             f"{channel!r}.")
+        if defence is not None and not isinstance(defence, defences.Defence):
+            raise TypeError(f"defence must be an ntkdfl_tf.Defence or None, got {defence!r}.")
         self.algorithm, self.topology, self.seed = algorithm, topology, int(seed)
-        self.faults, self.channel = faults, channel
+        self.faults, self.channel, self.defence = faults, channel, defence
+        self.byzantine_clients = None  # [K] bool once fit starts with a Byzantine channel
+        self.last_kept = None  # clients the robust final aggregate kept
         self.executor = executors.make_executor(executor)
         self.model_fn = model_fn
         self.eval_batch = int(eval_batch)
@@ -160,6 +185,12 @@ class DecentralizedTrainer:
         self.topology.validate(k)
         if self.faults is not None:
             self.faults.validate(k)
+        if self.defence is not None:
+            self.defence.validate(self.topology, self.algorithm)
+        self.byzantine_clients = None
+        if self.channel.byzantine is not None:
+            self.byzantine_clients = self.channel.byzantine.clients(
+                k, stream_rng(self.seed, "byzantine"))
         if validation_data is not None:
             val = self.prepare_examples(*validation_data, what="validation")
         self.last_client_accuracy = None
@@ -197,11 +228,13 @@ class DecentralizedTrainer:
             if self.faults is not None:
                 active = self.faults.participants(k, r, stream_rng(self.seed, "failures", r))
                 graph = graph & active[:, None] & active[None, :]
-            channel = self.channel.round(k, stream_rng(self.seed, "channel", r))
+            channel = self.channel.round(k, stream_rng(self.seed, "channel", r),
+                                         self._adversary(r, rounds))
             weights, logs = self.algorithm.run_round(
                 base.RoundInput(r, self.client_weights, graph, tensors.counts,
                                 int(tensors.mask.shape[1]), stream_rng(self.seed, "sampling", r),
-                                self.fns, self._sample_bytes), channel, self.executor)
+                                self.fns, self._sample_bytes, self.defence, rounds),
+                channel, self.executor)
             if active is not None:  # clients that sat out keep their weights
                 keep = tf.constant(active)
                 weights = [tf.where(tf.reshape(keep, [-1] + [1] * (w.shape.rank - 1)), w, old)
@@ -214,6 +247,8 @@ class DecentralizedTrainer:
             logs["client_weight_spread"] = client_weight_spread(self.client_weights)
             if active is not None:
                 logs["active_clients"] = float(active.sum())
+            if self.byzantine_clients is not None:
+                logs["byzantine_share_max"] = byzantine_share_max(graph, self.byzantine_clients)
             self.round = r + 1
             self._set_model_to_aggregate()
             cb_list.on_train_batch_end(0, logs)
@@ -224,6 +259,17 @@ class DecentralizedTrainer:
                 break
         cb_list.on_train_end(logs)
         return self.model.history
+
+    def _adversary(self, round_index, rounds):
+        """The round's ``protocol.Adversary``, or None without Byzantine clients."""
+        if self.byzantine_clients is None:
+            return None
+        radius = None
+        if self.defence is not None:
+            radius = functools.partial(self.defence.radius, round_index=round_index,
+                                       total_rounds=rounds)
+        return protocol.Adversary(self.channel.byzantine, self.byzantine_clients,
+                                  stream_rng(self.seed, "adversary", round_index), radius)
 
     def _check_finite(self, weights, logs, r):
         """Raises DivergenceError naming the round and clients if anything is NaN or inf, or a
@@ -264,6 +310,8 @@ class DecentralizedTrainer:
         for name, obj in (("algorithm", self.algorithm), ("topology", self.topology),
                           ("faults", self.faults), ("channel", self.channel)):
             config.update(section(name, obj))
+        if self.defence is not None:  # absent otherwise: earlier checkpoints stay valid
+            config.update(section("defence", self.defence))
         return config
 
     def get_state(self):
@@ -298,12 +346,23 @@ class DecentralizedTrainer:
         return (np.ones(k, bool) if self.faults is None
                 else self.faults.present(k, self.round))
 
-    def aggregated_weights(self):
-        """The average of the present clients' weights, as a list of NumPy arrays."""
+    def aggregated_weights(self, clients=None):
+        """The final aggregate of the present clients' weights, as a list of NumPy arrays.
+
+        The mean, or with ``Defence(final="robust")`` the mean of the clients
+        ``defences.robust_final_average`` keeps (their ids in ``trainer.last_kept``).
+        ``clients``: a boolean ``[K]`` to average only those (plain mean).
+        """
         if self.client_weights is None:
             raise RuntimeError("No client models yet: call fit() first.")
-        present = self.present_clients()
-        return [w.numpy()[present].mean(axis=0) for w in self.client_weights]
+        present = self.present_clients() if clients is None else clients & self.present_clients()
+        own = [w.numpy()[present] for w in self.client_weights]
+        if clients is not None or self.defence is None or self.defence.final == "mean":
+            return [w.mean(axis=0) for w in own]
+        flat = np.concatenate([w.reshape(len(w), -1) for w in own], 1)
+        final = defences.robust_final_average(flat)
+        self.last_kept = np.flatnonzero(present)[final.kept]
+        return list(protocol.messages.unflatten(final.weights, [w.shape[1:] for w in own]))
 
     def _set_model_to_aggregate(self):
         for v, w in zip(self.model.trainable_variables, self.aggregated_weights()):
@@ -382,8 +441,10 @@ class DecentralizedTrainer:
 
         Returns:
             Dict of ``val_loss``, ``val_accuracy`` (aggregate) and ``val_client_mean_accuracy``,
-            ``val_client_min_accuracy``, ``val_client_max_accuracy``; per-client accuracies are
-            kept in ``trainer.last_client_accuracy``.
+            ``val_client_min_accuracy``, ``val_client_max_accuracy``,
+            ``val_client_worst10_accuracy``; with Byzantine clients or a defence also the honest
+            clients' (``val_honest_*``). Per-client accuracies are kept in
+            ``trainer.last_client_accuracy``.
         """
         if not features_ready:
             x, y = self.prepare_examples(x, y)
@@ -393,10 +454,32 @@ class DecentralizedTrainer:
             return {"val_loss": agg_loss, "val_accuracy": agg_acc}
         client_acc, _ = self.evaluate_models(self.client_weights, x, y)
         self.last_client_accuracy = client_acc
-        return {"val_loss": agg_loss, "val_accuracy": agg_acc,
+        logs = {"val_loss": agg_loss, "val_accuracy": agg_acc,
                 "val_client_mean_accuracy": float(client_acc.mean()),
                 "val_client_min_accuracy": float(client_acc.min()),
-                "val_client_max_accuracy": float(client_acc.max())}
+                "val_client_max_accuracy": float(client_acc.max()),
+                "val_client_worst10_accuracy": worst_tenth(client_acc)}
+        if self.byzantine_clients is not None or self.defence is not None:
+            logs.update(self._honest_metrics(x, y, client_acc))
+        return logs
+
+    def _honest_metrics(self, x, y, client_acc):
+        """Accuracy of the honest clients: their aggregate (an oracle: the mean of the honest
+        models only), their mean and their worst 10% (mean of the lowest tenth). Without
+        Byzantine clients (a defence's cost) every client is honest."""
+        byzantine = (np.zeros(len(client_acc), bool) if self.byzantine_clients is None
+                     else self.byzantine_clients)
+        honest = ~byzantine & self.present_clients()
+        honest_aggregate = [w[None] for w in self.aggregated_weights(clients=honest)]
+        acc = client_acc[honest]
+        logs = {"val_honest_accuracy": float(self.evaluate_models(honest_aggregate, x, y)[0][0]),
+                "val_honest_client_mean_accuracy": float(acc.mean()),
+                "val_honest_client_worst10_accuracy": worst_tenth(acc)}
+        if self.last_kept is not None and self.defence is not None and \
+                self.defence.final == "robust":
+            logs["aggregate_kept"] = float(len(self.last_kept))
+            logs["aggregate_kept_byzantine"] = float(byzantine[self.last_kept].sum())
+        return logs
 
     def tracing_counts(self):
         """How often each ``tf.function`` of the trainer and its executor's worker was traced.

@@ -218,7 +218,8 @@ def _linear_setup(loss, eta, tau, d=4):
     h = kernels.make_kernel(fns, "dense")(weights, clients.features, clients.mask)
     new, cand_loss, tau_index, _, _, monotone = worker._evolve(
         weights, weights, clients.features, clients.labels, clients.mask, h,
-        tf.constant(eta, tf.float32), tf.constant(False), None)
+        tf.constant(eta, tf.float32), tf.ones((B, N)), tf.zeros((B, N, C)), tf.constant(False),
+        None)
     assert bool(monotone)
     assert np.all(tau_index.numpy() == 0)
     return w, x, y, mask, h, [v.numpy() for v in new], cand_loss.numpy()

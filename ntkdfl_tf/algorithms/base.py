@@ -71,6 +71,9 @@ class RoundInput(typing.NamedTuple):
         fns: the model's ``ModelFunctions`` (shapes and class count for message sizes).
         sample_bytes: bytes of one raw input sample as the clients store it (for codecs that
             send inputs).
+        defence: the receivers' ``defences.Defence`` against Byzantine neighbours, or None
+            (uniform averaging, every package used as received).
+        total_rounds: the rounds of this ``fit`` (defences whose threshold decays use it).
     """
 
     index: int
@@ -81,6 +84,8 @@ class RoundInput(typing.NamedTuple):
     rng: np.random.Generator
     fns: typing.Any
     sample_bytes: int = None
+    defence: typing.Any = None
+    total_rounds: int = 1
 
     @property
     def num_clients(self):
@@ -239,12 +244,14 @@ def neighbour_average(mixing, weights):
                        [mixing.shape[0]] + list(w.shape[1:])) for w in weights]
 
 
-def average_received(weights, delivery):
+def average_received(weights, delivery, round_input=None):
     """Each client's average of its own weights and the ``WeightsMessage``s delivered to it.
 
     Args:
         weights: list of ``[K, *shape]`` tensors: every client's own weights (the senders').
         delivery: a ``protocol.Delivery`` of weights messages.
+        round_input: the round's ``RoundInput``; its ``defence`` (if any, with a weight rule)
+            replaces the uniform average by a robust one.
 
     Returns:
         List of ``[K, *shape]`` tensors. When the channel left every message unchanged the
@@ -253,6 +260,18 @@ def average_received(weights, delivery):
         are summed per receiver.
     """
     k = int(weights[0].shape[0])
+    defence = None if round_input is None else round_input.defence
+    if not delivery.messages:  # everyone was cut off: each keeps its own weights
+        return list(weights)
+    if defence is not None and defence.weight_rule != "none":
+        own = [w.numpy() for w in weights]
+        flat = np.concatenate([w.reshape(k, -1) for w in own], 1)
+        stack = protocol.stack_by_receiver(delivery.messages, np.arange(k))
+        robust = defence.average(flat, stack.received, stack.valid, round_input.index,
+                                 round_input.total_rounds)
+        sizes = np.cumsum([int(np.prod(w.shape[1:])) for w in own])[:-1]
+        return [tf.constant(part.reshape(w.shape))
+                for part, w in zip(np.split(robust.weights, sizes, axis=1), own)]
     heard = protocol.heard_from(delivery.messages, k)
     if delivery.unchanged:
         return neighbour_average(topology.mixing_matrix(heard), weights)

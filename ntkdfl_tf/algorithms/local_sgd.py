@@ -114,7 +114,7 @@ class LocalSGD(base.Algorithm):
         losses = base.scatter_groups(groups, [res.loss for res in results], k, np.float64)
         trained = [base.scatter_groups(groups, [res.weights[v] for res in results], k)
                    for v in range(len(own))]
-        delivery = channel.deliver(protocol.weights_messages(r.graph, trained))
-        averaged = base.average_received([tf.constant(w) for w in trained], delivery)
+        delivery = channel.deliver(protocol.weights_messages(r.graph, trained), own=trained)
+        averaged = base.average_received([tf.constant(w) for w in trained], delivery, r)
         logs = {"loss": float(losses.mean()), "local_learning_rate": lr}
         return base.RoundOutput(averaged, logs)

@@ -32,6 +32,9 @@ class EvolveContext(typing.NamedTuple):
         codec: the packages' ``protocol.codecs.Codec``; its ``topk``/``quantize`` act on the
             materialised packages in the worker.
         seed: seed of this round's codec randomness (stochastic rounding).
+        attack: the ``protocol.byzantine.PackageAttack`` tampered packages carry, or None.
+        screen: the package screen's parameters (``package_screen``), or None: no screen.
+        adversary_seed: seed of this round's attack randomness (``jacobian_noise``).
     """
 
     round_index: int
@@ -39,6 +42,9 @@ class EvolveContext(typing.NamedTuple):
     slice_orders: np.ndarray
     codec: typing.Any = None
     seed: int = 0
+    attack: typing.Any = None
+    screen: dict = None
+    adversary_seed: int = 0
 
 
 class EvolveCall(typing.NamedTuple):
@@ -52,6 +58,8 @@ class EvolveCall(typing.NamedTuple):
         valid: ``[B, S]`` float32, 1 for a real slot.
         keep: ``[B, S, n_max]`` float32, 1 for each sample a package carries (``subsample``);
             None: every sample.
+        tampered: ``[B, S]`` bool, slots whose package a Byzantine sender tampered with; None:
+            none was.
     """
 
     members: np.ndarray
@@ -59,6 +67,7 @@ class EvolveCall(typing.NamedTuple):
     senders: np.ndarray
     valid: np.ndarray
     keep: np.ndarray = None
+    tampered: np.ndarray = None
 
     @property
     def reads(self):
@@ -76,6 +85,7 @@ class EvolveResult(typing.NamedTuple):
         substeps: Euler sub-steps per grid step of each slice's flow (0 for the closed form).
         flow_loss: the loss the linearised flow predicted at the chosen tau.
         redone: slices redone with the bound step (``substep_rule``).
+        clipped, dropped: package slots the screen clipped and dropped, over the slices.
     """
 
     weights: list
@@ -84,6 +94,8 @@ class EvolveResult(typing.NamedTuple):
     substeps: list
     flow_loss: np.ndarray
     redone: int
+    clipped: int = 0
+    dropped: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -190,17 +202,23 @@ class NTKDFL(base.Algorithm):
         senders, valid = topology.neighbourhoods(
             protocol.heard_from(packages.messages, k))
         keep = samples_kept(packages.messages, senders, valid, r.max_samples)
+        tampered = tampered_slots(packages.messages, senders, valid)
         del requests, packages  # the calls below carry what the round needs of them
         orders = slice_orders(r.counts, r.max_samples, self.jacobian_batches, r.rng)
         # contiguous groups, the same every round: a remote executor serves each block of
         # clients from the actor that holds their data
         groups = base.client_groups(k, min(self.client_batch, k))
         calls = [EvolveCall(g.indices, [a[g.indices] for a in averaged], senders[g.indices],
-                            valid[g.indices], None if keep is None else keep[g.indices])
+                            valid[g.indices], None if keep is None else keep[g.indices],
+                            None if tampered is None else tampered[g.indices])
                  for g in groups]
-        results = executor.map(EvolveContext(r.index, eta, orders, channel.codec, channel.seed),
+        screen = None if r.defence is None else r.defence.screen
+        adversary_seed = 0 if channel.adversary is None else int(
+            channel.adversary.rng.integers(2**31))
+        results = executor.map(EvolveContext(r.index, eta, orders, channel.codec, channel.seed,
+                                             channel.package_attack, screen, adversary_seed),
                                calls)
-        return self.combine(r, groups, results, eta)
+        return self.combine(r, groups, results, eta, screen is not None)
 
     def average(self, round_input, channel):
         """Every client's w_bar (NumPy) and whom it heard from: the weights messages j -> i.
@@ -211,8 +229,8 @@ class NTKDFL(base.Algorithm):
         own = [w.numpy() for w in r.weights]
         if not self.per_round_averaging:  # the ablation: each client evolves from its own
             return own, r.graph
-        delivery = channel.deliver(protocol.weights_messages(r.graph, own))
-        averaged = [a.numpy() for a in base.average_received(r.weights, delivery)]
+        delivery = channel.deliver(protocol.weights_messages(r.graph, own), own=own)
+        averaged = [a.numpy() for a in base.average_received(r.weights, delivery, r)]
         return averaged, protocol.heard_from(delivery.messages, r.num_clients)
 
     def packages_for(self, requests, counts, fns, sample_bytes=None):
@@ -224,7 +242,7 @@ class NTKDFL(base.Algorithm):
                                          specs=specs[int(counts[m.receiver])], layout=layout)
                 for m in requests]
 
-    def combine(self, round_input, groups, results, eta):
+    def combine(self, round_input, groups, results, eta, screened=False):
         """The groups' results -> the round's ``RoundOutput``."""
         k = round_input.num_clients
         new = [base.scatter_groups(groups, [res.weights[v] for res in results], k)
@@ -246,6 +264,9 @@ class NTKDFL(base.Algorithm):
                 "flow_loss": float(np.mean(flow_losses)), "model_loss": float(np.mean(losses)),
                 "euler_substeps": float(np.mean(substeps)),
                 "flow_fallbacks": float(sum(res.redone for res in results))}
+        if screened:  # package slots (per slice) the screen clipped or dropped this round
+            logs["packages_clipped"] = float(sum(res.clipped for res in results))
+            logs["packages_dropped"] = float(sum(res.dropped for res in results))
         return base.RoundOutput([tf.constant(w) for w in new], logs)
 
 
@@ -262,6 +283,19 @@ def samples_kept(packages, senders, valid, n_max):
             row[:] = 0.0
             row[p.samples] = 1.0
     return keep
+
+
+def tampered_slots(packages, senders, valid):
+    """``[K, S]`` bool: slot (i, s) holds a package its Byzantine sender tampered with; None
+    when no package was."""
+    if all(p.tampering is None for p in packages):
+        return None
+    tampered = np.zeros(senders.shape, bool)
+    slot = {(int(i), int(j)): s for (i, s), j in np.ndenumerate(senders) if s > 0 and valid[i, s]}
+    for p in packages:
+        if p.tampering is not None:
+            tampered[p.receiver, slot[p.receiver, p.sender]] = True
+    return tampered
 
 
 def slice_orders(counts, n_max, m, rng):

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from ntkdfl_tf import kernels, protocol
-from ntkdfl_tf.algorithms import base
+from ntkdfl_tf.algorithms import base, package_screen
 from ntkdfl_tf.algorithms.ntkdfl import EvolveResult
 
 
@@ -62,15 +62,23 @@ class NTKDFLWorker(base.Worker):
         algorithm = self.algorithm
         weights = [tf.constant(a) for a in call.weights]
         current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
+        clipped = dropped = 0
         eta = tf.constant(context.eta, tf.float32)
         bound = algorithm.substep_rule == "bound"
         codec = context.codec
-        explicit = algorithm.packages == "explicit" or (codec is not None and
-                                                         codec.changes_values)
+        attack = context.attack if call.tampered is not None and call.tampered.any() else None
+        explicit = (algorithm.packages == "explicit" or (codec is not None and
+                                                          codec.changes_values) or
+                    (attack is not None and attack.name == "jacobian_noise"))
+        if (attack is not None or context.screen is not None) and self.matrix_free:
+            raise ValueError("Byzantine packages and the package screen need H formed; use "
+                             "kernel='dense' or 'auto', not 'matrix_free'.")
         rng = np.random.default_rng([context.seed, int(call.members[0])])
+        adversary_rng = np.random.default_rng([context.adversary_seed, int(call.members[0])])
         lossy = codec is not None and codec.changes_values
         sketch = protocol.codecs.make_sketch(codec, self.fns.num_params, context.seed) \
             if lossy else None
+        slots = call.senders.shape[1]
         for part, positions in self._round_slices(context.round_index, context.slice_orders):
             keep = None
             if call.keep is not None:  # the samples each package carries, in this slice
@@ -79,8 +87,17 @@ class NTKDFLWorker(base.Worker):
                 keep = np.take_along_axis(padded, rows, axis=-1)
             feats, labels, mask = gather_neighbourhood(part, call.senders, call.valid, keep)
             received = None
+            row_scale = np.ones(mask.shape, np.float32)
+            logit_offset = np.zeros(labels.shape, np.float32)
             if explicit:
                 packages = self.receive(call, weights, feats, labels, mask)
+                if attack is not None:
+                    packages = self.tamper(call, attack, packages, feats.shape[:2],
+                                           adversary_rng, context.screen)
+                    if attack.name == "logit_shift":  # what re-evaluating senders send
+                        rows = np.repeat(call.tampered, mask.shape[1] // slots, 1)
+                        logit_offset = (-attack.params["shift"] * rows[..., None] *
+                                        labels.numpy()).astype(np.float32)
                 if lossy:
                     packages = [(b, rows, encode_package(codec, p, rng, sketch))
                                 for b, rows, p in packages]
@@ -88,7 +105,22 @@ class NTKDFLWorker(base.Worker):
                 h = explicit_kernel(received)
             else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
                 h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
-            args = (weights, current, feats, labels, mask, h, eta)
+                if attack is not None:  # what the tampered packages would have given
+                    h, labels, row_scale, logit_offset = lazy_attack(
+                        attack, call.tampered, h, labels, mask, context.screen)
+            if context.screen is not None:
+                sent = (received.logits if received is not None else
+                        self.fns.forward(weights, feats) + logit_offset)
+                decision, h, mask, labels = apply_screen(context.screen, h, sent, labels, mask,
+                                                         slots, received, self.fns.num_classes)
+                if received is None:
+                    row_scale = row_scale * decision.row_scale
+                else:
+                    received = scale_rows(received, decision.row_scale)
+                clipped += int(decision.clipped.sum())
+                dropped += int(decision.dropped.sum())
+            args = (weights, current, feats, labels, mask, h, eta, tf.constant(row_scale),
+                    tf.constant(logit_offset))
             result = self._evolve(*args, tf.constant(bound), received)
             if not bound and not bool(result.monotone):  # the adaptive step was too long: redo
                 result = self._evolve(*args, tf.constant(True), received)
@@ -99,7 +131,31 @@ class NTKDFLWorker(base.Worker):
             taus.append(np.asarray(algorithm.taus)[result.tau_index.numpy()])
             substeps.append(float(result.substeps))
         return EvolveResult([v.numpy() for v in current], np.mean(losses, 0), np.mean(taus, 0),
-                            substeps, np.mean(flow_losses, 0), redone)
+                            substeps, np.mean(flow_losses, 0), redone, clipped, dropped)
+
+    def tamper(self, call, attack, packages, layout, rng, screen):
+        """``receive``'s packages with the tampered slots' arrays as their Byzantine senders
+        replace them (``protocol.byzantine.tamper_package``)."""
+        slots = call.senders.shape[1]
+        n = layout[1] // slots
+        factor = None
+        if attack.name == "adaptive":  # sized against the receiver's honest kernel
+            mask = np.zeros(layout, np.float32)
+            for b, rows, _ in packages:
+                mask[b, rows] = 1.0
+            factor = adaptive_factor_for(attack, explicit_kernel(stack_packages(packages, layout)),
+                                         tf.constant(mask), slots, screen)
+        out = []
+        for b, rows, package in packages:
+            s = int(rows[0]) // n
+            if call.tampered[b, s]:
+                jac, logits, labels = protocol.byzantine.tamper_package(
+                    attack, list(package.jacobians), package.logits, package.labels,
+                    self.fns.num_classes, rng, None if factor is None else float(factor[b, s]))
+                package = dataclasses.replace(package, jacobians=tuple(jac), logits=logits,
+                                              labels=labels)
+            out.append((b, rows, package))
+        return out
 
     def receive(self, call, weights, feats, labels, mask):
         """One slice's Jacobian packages, materialised as their senders would form them.
@@ -139,14 +195,17 @@ class NTKDFLWorker(base.Worker):
                     [j[take] for j in jac], logits[b, rows[take]], ids[b, rows[take]])))
         return packages
 
-    def _evolve_slice(self, linearised, weights, feats, labels, mask, h, eta, bound_step,
-                      received):
+    def _evolve_slice(self, linearised, weights, feats, labels, mask, h, eta, row_scale,
+                      logit_offset, bound_step, received):
         """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``.
 
-        ``bound_step`` (bool tensor) picks the Euler step: the bound for any f, or the adaptive
-        one. ``received``: explicit packages (then J, the starting logits and the labels come
-        from them) or None. The last output says whether every flow loss was finite and
-        non-increasing.
+        ``row_scale`` ``[B, N]`` multiplies each row's Jacobian in the update (``h`` already
+        carries it) and ``logit_offset`` is added to the logits the flow starts from: how lazy
+        packages carry a Byzantine sender's tampering and the screen's clipping (ones and
+        zeros otherwise). ``bound_step`` (bool tensor) picks the Euler step: the bound for any
+        f, or the adaptive one. ``received``: explicit packages (then J, the starting logits
+        and the labels come from them) or None. The last output says whether every flow loss
+        was finite and non-increasing.
         """
         algorithm, fns, loss = self.algorithm, self.fns, self.loss
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
@@ -161,7 +220,11 @@ class NTKDFLWorker(base.Worker):
             f_lin = received.logits
             labels = tf.one_hot(received.labels, fns.num_classes) * mask[..., None]
         # with batching the slice starts from the current weights; the senders re-evaluate
-        f0 = f_lin if algorithm.jacobian_batches == 1 else fns.forward(weights, feats)
+        # (explicit packages' logits carry any tampering already)
+        if algorithm.jacobian_batches > 1:
+            f0 = fns.forward(weights, feats) + logit_offset
+        else:
+            f0 = f_lin + logit_offset if received is None else f_lin
         if loss.closed_form:
             r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
             substeps, monotone = tf.constant(0.0), tf.constant(True)
@@ -178,7 +241,8 @@ class NTKDFLWorker(base.Worker):
         for t in range(len(algorithm.taus)):  # a handful of candidates; each one VJP, one forward
             cotangent = r_sums[t] * (eta / n)[:, None, None]
             if received is None:
-                grads = tape.gradient(f_lin, linearised, output_gradients=cotangent)
+                grads = tape.gradient(f_lin, linearised,
+                                      output_gradients=cotangent * row_scale[..., None])
             else:
                 rows = tf.einsum("brn,bnc->brc", received.placement, cotangent)
                 flat = tf.einsum("brcp,brc->bp", received.jacobians, rows)
@@ -251,6 +315,46 @@ def stack_packages(packages, layout, sketch=None):
                     (sketch.bucket, sketch.sign))
     return ReceivedPackages(tf.constant(jac), tf.constant(placement), tf.constant(logits),
                             tf.constant(labels), tf.constant(bucket), tf.constant(sign))
+
+
+def lazy_attack(attack, tampered, h, labels, mask, screen):
+    """A package attack on lazy packages: the kernel, labels, Jacobian row scale and logit
+    offset the tampered packages would have given (``protocol.byzantine.lazy_tampering``)."""
+    slots = tampered.shape[1]
+    n = mask.shape[1] // slots
+    rows = np.repeat(tampered, n, 1) & (mask.numpy() > 0)
+    factor = None
+    if attack.name == "adaptive":  # sized against the receiver's honest kernel
+        factor = np.repeat(adaptive_factor_for(attack, h, mask, slots, screen), n, 1)
+    t = protocol.byzantine.lazy_tampering(attack, rows, labels.numpy(), factor)
+    h = h * (t.row_scale[:, :, None] * t.row_scale[:, None, :])
+    return h, tf.constant(t.labels), t.row_scale, t.logit_offset
+
+
+def apply_screen(screen, h, sent_logits, labels, mask, slots, received, num_classes):
+    """The package screen's decision and the kernel, mask and labels after it (dropped rows
+    zeroed, clipped rows scaled in H; the caller scales them in the update)."""
+    sent_labels = labels if received is None else \
+        tf.one_hot(received.labels, num_classes) * mask[..., None]
+    decision = package_screen.screen(np.asarray(h), np.asarray(sent_logits),
+                                     np.asarray(sent_labels), np.asarray(mask), slots, screen)
+    both = decision.row_scale * decision.row_keep
+    h = h * (both[:, :, None] * both[:, None, :])
+    return (decision, h, mask * decision.row_keep, labels * decision.row_keep[..., None])
+
+
+def scale_rows(received, row_scale):
+    """``ReceivedPackages`` with each row's Jacobian multiplied by ``row_scale`` ``[B, N]``."""
+    per_row = tf.einsum("brn,bn->br", received.placement, tf.constant(row_scale, tf.float32))
+    return ReceivedPackages(received.jacobians * per_row[:, :, None, None], received.placement,
+                            received.logits, received.labels, received.bucket, received.sign)
+
+
+def adaptive_factor_for(attack, h, mask, slots, screen):
+    """The ``adaptive`` attack's Jacobian scale per slot ``[B, S]`` against ``screen``."""
+    clip = None if screen is None else dict(package_screen.SCREEN_PARAMS, **screen)["clip_ratio"]
+    return package_screen.adaptive_factor(np.asarray(h), np.asarray(mask), slots, clip,
+                                          attack.params["margin"], attack.params["max_factor"])
 
 
 def explicit_kernel(received):

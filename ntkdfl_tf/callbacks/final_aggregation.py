@@ -12,8 +12,9 @@ from ntkdfl_tf.io import atomic_path
 class FinalAggregation(keras.callbacks.Callback):
     """Saves the average of the client models as ``<directory>/<name>.keras`` after ``fit``.
 
-    With ``selection="all"`` (the default) the saved model is the uniform average of every
-    present client, ``trainer.aggregate()``. With ``selection="greedy_validation"`` it is the
+    With ``selection="all"`` (the default) the saved model is ``trainer.aggregate()``: the
+    uniform average of every present client, or, under ``Defence(final="robust")``, of the
+    clients the robust rule kept. With ``selection="greedy_validation"`` it is the
     paper's greedy choice (``ntkdfl_tf.selection.greedy_validation``): clients sorted by
     accuracy on ``validation_data`` and the best-first prefix whose average validates best.
     Either way, clients that left the run are never averaged. After ``fit``, the attributes
@@ -71,12 +72,15 @@ class FinalAggregation(keras.callbacks.Callback):
             self.selected_clients = chosen.clients
             self.validation_accuracy = chosen.validation_accuracy
             return selection_lib.averaged_model(trainer, chosen.clients)
-        self.selected_clients = np.flatnonzero(trainer.present_clients())
+        model = trainer.aggregate()  # with a robust final rule: the clients it kept
+        robust = trainer.defence is not None and trainer.defence.final == "robust"
+        self.selected_clients = (trainer.last_kept if robust else
+                                 np.flatnonzero(trainer.present_clients()))
         if self.validation_data is not None:
             weights = [w[None] for w in trainer.aggregated_weights()]
             self.validation_accuracy = float(
                 selection_lib.model_accuracies(trainer, weights, *self.validation_data)[0])
-        return trainer.aggregate()
+        return model
 
     def on_train_end(self, logs=None):
         if self._trainer is None or self._trainer.client_weights is None:

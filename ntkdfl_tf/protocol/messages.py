@@ -74,6 +74,8 @@ class JacobianPackage:
         codec: the ``codecs.Codec`` it travels with (None: raw arrays), and ``layout`` the
             model's ``codecs.PackageLayout`` (for the factored size).
         samples: which of the sender's samples it carries (indices), None: all of them.
+        tampering: the ``byzantine.PackageAttack`` a Byzantine sender applied (the receiver's
+            worker applies it where it evaluates the package), None for an honest package.
     """
 
     sender: int
@@ -85,6 +87,7 @@ class JacobianPackage:
     codec: typing.Any = None
     layout: typing.Any = None
     samples: np.ndarray = None
+    tampering: typing.Any = None
 
     @property
     def lazy(self):
@@ -136,3 +139,56 @@ def heard_from(messages, num_clients):
     if messages:
         heard[[m.receiver for m in messages], [m.sender for m in messages]] = True
     return heard
+
+
+class ReceivedStack(typing.NamedTuple):
+    """Weights messages stacked per receiver (flat float32), for defences and attacks.
+
+    Attributes:
+        receivers: the receiving clients, int64 ``[M]`` (rows of the stack).
+        received: ``[M, D, P]`` flat weights, zero-padded; D the largest in-degree.
+        valid: ``[M, D]`` bool, real slots. senders: ``[M, D]`` int64 (-1 at padding).
+        index: ``[M, D]`` position of each slot's message in the list stacked (-1 at padding).
+    """
+
+    receivers: np.ndarray
+    received: np.ndarray
+    valid: np.ndarray
+    senders: np.ndarray
+    index: np.ndarray
+
+
+def stack_by_receiver(messages, receivers=None):
+    """``ReceivedStack`` of ``messages`` (``WeightsMessage``s) for ``receivers`` (default:
+    every receiver that got one), slots in message order."""
+    recv = np.array([m.receiver for m in messages], np.int64)
+    receivers = np.unique(recv) if receivers is None else np.asarray(receivers, np.int64)
+    chosen = np.flatnonzero(np.isin(recv, receivers))
+    row = np.searchsorted(receivers, recv[chosen])
+    order = np.argsort(row, kind="stable")
+    chosen, row = chosen[order], row[order]
+    first = np.searchsorted(row, row)  # each row's first position in the sorted list
+    slot = np.arange(len(row)) - first
+    depth = int(slot.max()) + 1 if len(slot) else 1
+    size = sum(int(np.prod(w.shape)) for w in messages[0].weights) if messages else 0
+    received = np.zeros((len(receivers), depth, size), np.float32)
+    valid = np.zeros((len(receivers), depth), bool)
+    senders = np.full((len(receivers), depth), -1, np.int64)
+    index = np.full((len(receivers), depth), -1, np.int64)
+    for i, r, s in zip(chosen, row, slot):
+        received[r, s] = flatten(messages[i].weights)
+    valid[row, slot] = True
+    senders[row, slot] = [messages[i].sender for i in chosen]
+    index[row, slot] = chosen
+    return ReceivedStack(receivers, received, valid, senders, index)
+
+
+def flatten(arrays):
+    """One flat float32 vector of a sequence of arrays."""
+    return np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays])
+
+
+def unflatten(flat, shapes):
+    """A flat vector -> a tuple of arrays of ``shapes``."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    return tuple(part.reshape(s) for part, s in zip(np.split(flat, np.cumsum(sizes)[:-1]), shapes))

@@ -1,0 +1,295 @@
+"""The Byzantine experiment: attacks x defences x algorithms, run in parts that resume.
+
+``run_part(base, part)`` runs every cell of one part into ``<logdir>/<cell>/`` (history.csv,
+TensorBoard events, checkpoints) and then rewrites ``<logdir>/matrix.csv`` (one row per cell
+finished so far, every part) and ``<logdir>/heatmap.png``. A killed part resumes: finished
+cells are skipped, an unfinished one continues from its checkpoint. Parts:
+
+- ``no_attack``: every defence without Byzantine clients (what a defence costs);
+- ``attacks``: every attack x every defence at ``fraction`` (package attacks and the
+  package screen for NTK-DFL only);
+- ``fractions``: 0 / 10 / 20 / 30% for each algorithm's strongest attack, undefended and
+  with its best defence (both read from the ``attacks`` rows, or given);
+- ``seeds``: seeds 0, 1, 2 and alpha = 0.5 for the headline cells (no attack, strongest
+  attack undefended, strongest attack with the best defence);
+- ``dpsgd``: D-PSGD against its strongest weight attack (DFedAvg's), undefended and defended.
+"""
+
+import csv
+import dataclasses
+import os
+import time
+import typing
+
+import numpy as np
+
+from ntkdfl_tf import data, experiment
+from ntkdfl_tf.io import atomic_open, save_figure
+
+PARTS = ("no_attack", "attacks", "fractions", "seeds", "dpsgd")
+WEIGHT_DEFENCES = ("none", "median", "trimmed_mean", "clipping", "balance")
+NTK_DEFENCES = WEIGHT_DEFENCES + ("screen", "clipping+screen")
+WEIGHT_ATTACKS = (("sign_flip", ""), ("gaussian", ""), ("scaling", ""), ("alie", ""),
+                  ("ipm", "epsilon=0.1"), ("ipm", "epsilon=100"), ("dissensus", ""),
+                  ("adaptive", ""))
+PACKAGE_ATTACKS = (("jacobian_scale", ""), ("jacobian_sign_flip", ""), ("logit_shift", ""),
+                   ("label_flip", ""), ("jacobian_noise", ""))
+FIELDS = ("cell", "part", "algorithm", "attack", "attack_params", "defence", "fraction", "seed",
+          "alpha", "rounds", "honest_aggregate", "honest_client_mean", "honest_worst10",
+          "aggregate", "aggregate_kept", "aggregate_kept_byzantine", "delta_max_mean",
+          "delta_max_max", "packages_dropped", "packages_clipped", "bytes_sent",
+          "wall_seconds")
+
+
+class Cell(typing.NamedTuple):
+    """One run of the matrix."""
+
+    algorithm: str
+    attack: str
+    attack_params: str
+    defence: str
+    fraction: float
+    seed: int = 0
+    alpha: float = 0.1
+
+    @property
+    def name(self):
+        params = self.attack_params.replace("=", "").replace(",", "_")
+        return (f"{self.algorithm}_{self.attack}{params}_{self.defence.replace('+', '-')}_"
+                f"f{self.fraction:g}_s{self.seed}_a{self.alpha:g}")
+
+
+def attacks_for(algorithm):
+    """The attacks of the matrix for ``algorithm`` (package attacks: NTK-DFL only)."""
+    return WEIGHT_ATTACKS + (PACKAGE_ATTACKS if algorithm == "ntk_dfl" else ())
+
+
+def defences_for(algorithm):
+    return NTK_DEFENCES if algorithm == "ntk_dfl" else WEIGHT_DEFENCES
+
+
+def cells(part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headline=None):
+    """The cells of ``part``.
+
+    Args:
+        headline: ``{algorithm: (attack, attack_params, best_defence)}`` for the parts that
+            need the strongest attack and best defence (``headline_from``).
+    """
+    if part not in PARTS:
+        raise ValueError(f"Unknown part {part!r}; choose one of {', '.join(PARTS)}.")
+    out = []
+    for alg in algorithms:
+        if part == "no_attack":
+            out += [Cell(alg, "none", "", d, 0.0) for d in defences_for(alg)]
+        elif part == "attacks":
+            out += [Cell(alg, a, p, d, fraction) for a, p in attacks_for(alg)
+                    for d in defences_for(alg)]
+        elif part in ("fractions", "seeds"):
+            attack, params, best = _headline(headline, alg)
+            if part == "fractions":
+                out += [Cell(alg, attack, params, d, f) for f in (0.1, 0.2, 0.3)
+                        for d in ("none", best)]
+                out += [Cell(alg, "none", "", d, 0.0) for d in ("none", best)]
+            else:
+                heads = [("none", "", "none", 0.0), ("none", "", best, 0.0),
+                         (attack, params, "none", fraction), (attack, params, best, fraction)]
+                out += [Cell(alg, a, p, d, f, seed, alpha) for a, p, d, f in heads
+                        for seed, alpha in ((1, 0.1), (2, 0.1), (0, 0.5))]
+    if part == "dpsgd":
+        attack, params, best = _headline(headline, "dfedavg")
+        out = [Cell("dpsgd", attack, params, d, fraction) for d in ("none", best)]
+        out += [Cell("dpsgd", "none", "", "none", 0.0)]
+    return out
+
+
+def _headline(headline, algorithm):
+    if not headline or algorithm not in headline:
+        raise ValueError(f"this part needs the strongest attack and best defence of "
+                         f"{algorithm}: run the 'attacks' part first (or pass them).")
+    return headline[algorithm]
+
+
+def headline_from(rows):
+    """``{algorithm: (attack, params, best_defence)}`` from the ``attacks`` part's rows.
+
+    The strongest attack is the one with the lowest undefended honest aggregate; the best
+    defence the one whose worst honest aggregate over every attack is highest.
+    """
+    out = {}
+    for alg in sorted({r["algorithm"] for r in rows if r["part"] == "attacks"}):
+        mine = [r for r in rows if r["part"] == "attacks" and r["algorithm"] == alg]
+        undefended = [r for r in mine if r["defence"] == "none"]
+        if not undefended:
+            continue
+        worst = min(undefended, key=lambda r: float(r["honest_aggregate"]))
+        by_defence = {}
+        for r in mine:
+            by_defence.setdefault(r["defence"], []).append(float(r["honest_aggregate"]))
+        best = max(by_defence, key=lambda d: (min(by_defence[d]), np.mean(by_defence[d])))
+        out[alg] = (worst["attack"], worst["attack_params"], best)
+    return out
+
+
+def config(base, cell, logdir):
+    """The ``experiment.Config`` of ``cell`` under ``base`` (a defended cell also takes the
+    robust final aggregate)."""
+    return dataclasses.replace(
+        base, algorithm=cell.algorithm, attack=cell.attack, attack_params=cell.attack_params,
+        byzantine_fraction=cell.fraction, defence=cell.defence,
+        final_aggregation="mean" if cell.defence == "none" else "robust",
+        seed=cell.seed, alpha=cell.alpha, logdir=os.path.join(logdir, cell.name),
+        save_dir=os.path.join(logdir, cell.name), run_name="model", stop_at_accuracy=0.0)
+
+
+def summarise(cell, part, history, seconds):
+    """One ``matrix.csv`` row from a finished run's history (dict of lists)."""
+    h = {k: np.asarray(v, np.float64) for k, v in history.items()}
+
+    def last(key, fallback=None):
+        if key not in h and fallback is not None:  # no attack, no defence: all are honest
+            key = fallback
+        return float(h[key][-1]) if key in h and len(h[key]) else ""
+
+    def mean(key):
+        return float(np.mean(h[key])) if key in h and len(h[key]) else ""
+
+    return {"cell": cell.name, "part": part, "algorithm": cell.algorithm,
+            "attack": cell.attack, "attack_params": cell.attack_params,
+            "defence": cell.defence, "fraction": cell.fraction, "seed": cell.seed,
+            "alpha": cell.alpha, "rounds": len(h.get("val_accuracy", [])),
+            "honest_aggregate": last("val_honest_accuracy", "val_accuracy"),
+            "honest_client_mean": last("val_honest_client_mean_accuracy",
+                                       "val_client_mean_accuracy"),
+            "honest_worst10": last("val_honest_client_worst10_accuracy",
+                                   "val_client_worst10_accuracy"),
+            "aggregate": last("val_accuracy"), "aggregate_kept": last("aggregate_kept"),
+            "aggregate_kept_byzantine": last("aggregate_kept_byzantine"),
+            "delta_max_mean": mean("byzantine_share_max"),
+            "delta_max_max": float(np.max(h["byzantine_share_max"]))
+            if "byzantine_share_max" in h else "",
+            "packages_dropped": mean("packages_dropped"),
+            "packages_clipped": mean("packages_clipped"),
+            "bytes_sent": float(np.sum(h["bytes_sent"])), "wall_seconds": round(seconds, 1)}
+
+
+def read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path, rows):
+    with atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headline=None,
+             only=None):
+    """Runs ``part`` (module docstring) under ``base.logdir``; returns every row so far.
+
+    Args:
+        base: the ``experiment.Config`` every cell starts from (clients, rounds, NTK-DFL's
+            taus and batching ...).
+        headline: overrides ``headline_from`` for the parts that need it.
+        only: run just the cells whose name contains this text (a slice of a part).
+    """
+    logdir = base.logdir
+    matrix_csv = os.path.join(logdir, "matrix.csv")
+    rows = read_rows(matrix_csv)
+    headline = headline or headline_from(rows)
+    todo = [c for c in cells(part, algorithms, fraction, headline)
+            if only is None or only in c.name]
+    for c in todo:  # every configuration checked before the first (long) run starts
+        experiment.validate(config(base, c, logdir))
+    done = {r["cell"] for r in rows}
+    dataset = data.load(base.dataset, data_dir=base.data_dir)
+    for i, c in enumerate(todo):
+        if c.name in done:
+            continue
+        print(f"[{part} {i + 1}/{len(todo)}] {c.name}", flush=True)
+        start = time.perf_counter()
+        _, history = experiment.run(config(base, c, logdir), dataset=dataset)
+        history = history.history or _history_csv(os.path.join(logdir, c.name, "history.csv"))
+        rows = [r for r in read_rows(matrix_csv) if r["cell"] != c.name]
+        rows.append(summarise(c, part, history, time.perf_counter() - start))
+        write_rows(matrix_csv, rows)
+    heatmap(rows, os.path.join(logdir, "heatmap.png"))
+    with atomic_open(os.path.join(logdir, "matrix.md"), "w") as f:
+        f.write(table(rows))
+    return rows
+
+
+def table(rows):
+    """The ``attacks`` and ``no_attack`` rows as one markdown table per algorithm: honest
+    aggregate / worst-10% honest client accuracy at the last round, attack x defence."""
+    rows = [r for r in rows if r["part"] in ("attacks", "no_attack") and int(r["seed"]) == 0 and
+            float(r["alpha"]) == 0.1]
+    out = []
+    for alg in sorted({r["algorithm"] for r in rows}):
+        defs = list(defences_for(alg))
+        out += [f"**{alg}** (honest aggregate / worst-10% honest clients, last round)", "",
+                "| attack | " + " | ".join(f"`{d}`" for d in defs) + " |",
+                "|---|" + "---|" * len(defs)]
+        for attack, params in (("none", ""),) + attacks_for(alg):
+            cells = {r["defence"]: r for r in rows if r["algorithm"] == alg and
+                     r["attack"] == attack and r["attack_params"] == params}
+            if not cells:
+                continue
+            values = [f"{float(cells[d]['honest_aggregate']):.3f} / "
+                      f"{float(cells[d]['honest_worst10']):.3f}" if d in cells else "—"
+                      for d in defs]
+            out.append(f"| {attack} {params} | " + " | ".join(values) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _history_csv(path):
+    """A finished run's history from its history.csv (a resumed run that had nothing to do)."""
+    rows = read_rows(path)
+    return {k: [float(r[k]) for r in rows if r[k] != ""] for k in (rows[0] if rows else {})}
+
+
+def heatmap(rows, path):
+    """Honest aggregate accuracy (final round), attack x defence, one panel per algorithm, for
+    the ``attacks`` part (plus the no-attack row); returns the path, or None without
+    matplotlib or rows."""
+    rows = [r for r in rows if r["part"] in ("attacks", "no_attack") and int(r["seed"]) == 0 and
+            float(r["alpha"]) == 0.1]
+    algs = sorted({r["algorithm"] for r in rows})
+    if not algs:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'ntkdfl_tf[plot]'): no heat map.")
+        return None
+    fig, axes = plt.subplots(1, len(algs), figsize=(6.5 * len(algs), 6), squeeze=False)
+    for ax, alg in zip(axes[0], algs):
+        attack_rows = [("none", "")] + list(attacks_for(alg))
+        defs = list(defences_for(alg))
+        grid = np.full((len(attack_rows), len(defs)), np.nan)
+        for r in rows:
+            if r["algorithm"] != alg:
+                continue
+            key = (r["attack"], r["attack_params"])
+            if key in attack_rows and r["defence"] in defs and r["honest_aggregate"] != "":
+                grid[attack_rows.index(key), defs.index(r["defence"])] = float(
+                    r["honest_aggregate"])
+        im = ax.imshow(grid, vmin=0.0, vmax=0.9, cmap="viridis")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.5 else "black")
+        ax.set_xticks(range(len(defs)), defs, rotation=40, ha="right", fontsize=8)
+        ax.set_yticks(range(len(attack_rows)),
+                      [f"{a} {p}".strip() for a, p in attack_rows], fontsize=8)
+        ax.set_title(f"{alg}: honest aggregate accuracy")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
