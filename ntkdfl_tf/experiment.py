@@ -101,10 +101,11 @@ PRESETS = {
                              rounds=40, jacobian_batches=6, client_batch=30, jit_compile=True,
                              taus=(100,), logdir="runs/paper_single_tau"),
     # The Byzantine matrix (launchers/byzantine.py): 100 clients, 30 rounds, one candidate tau
-    # and m = 6, which keeps an NTK-DFL run near a minute here.
+    # and m = 6, which keeps an NTK-DFL run near a minute here. The flow is pinned so that the
+    # cells of a matrix run across sessions stay comparable.
     "byzantine": dict(num_clients=100, alpha=0.1, num_neighbors=5, samples_per_client=200,
                       rounds=30, jacobian_batches=6, client_batch=25, jit_compile=True,
-                      taus=(100,), verbose=0, logdir="runs/byzantine"),
+                      taus=(100,), substep_rule="adaptive", verbose=0, logdir="runs/byzantine"),
 }
 
 
