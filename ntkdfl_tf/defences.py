@@ -431,7 +431,8 @@ class Defence:
             ``balance``), ``screen`` (NTK-DFL's package screen, weights averaged uniformly), or
             ``<rule>+screen`` (both).
         params: one dict for the rule's parameters (``DEFAULT_PARAMS``) and the screen's
-            (``clip_ratio``, ``min_cosine``, ``loss_ratio``: ``algorithms.package_screen``).
+            (``clip_ratio``, ``min_cosine``, ``loss_ratio``, ``loss_floor``:
+            ``algorithms.package_screen``).
         final: the final aggregate: ``mean`` of every client, or ``robust``
             (``robust_final_average``: the clients near the coordinate-wise median).
 

@@ -232,6 +232,18 @@ def test_the_screen_drops_negated_and_misfit_slots():
     assert result.row_keep[0].tolist() == [1, 1, 0, 0, 1, 1]
 
 
+def test_the_fit_check_keeps_a_worse_but_better_than_uniform_slot():
+    h, logits, labels, mask = _kernel_case()
+    logits[0, 4:, 0] = 0.5  # slot 2: loss ln(1 + 2 e^-0.5) = 0.79, 3.3x the others' 0.24
+    by_hand = np.log(1 + 2 * np.exp(-0.5)) / np.log(1 + 2 * np.exp(-2.0))
+    assert by_hand > 3 and np.log(1 + 2 * np.exp(-0.5)) < np.log(3)
+    kept = package_screen.screen(h, logits, labels, mask, slots=3)
+    assert not kept.dropped.any()  # below a uniform guess's ln 3: an honest unfamiliar slot
+    without_floor = package_screen.screen(h, logits, labels, mask, slots=3,
+                                          params={"loss_floor": 1e-9})
+    assert without_floor.dropped.tolist() == [[False, False, True], [False, False, False]]
+
+
 def test_the_screen_drops_sign_flipped_packages_in_training_and_no_honest_one():
     pairs = _pairs()
     screen = nd.Defence("screen")

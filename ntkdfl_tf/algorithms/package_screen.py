@@ -15,7 +15,11 @@ screen costs no extra Jacobian:
    ``min_cosine`` (a negated or noise-dominated Jacobian) is dropped.
 3. **Fit.** Its sent logits and labels agree about as well as everyone else's at the
    receiver's averaged weights: a slot whose mean cross-entropy exceeds ``loss_ratio`` times
-   the median over the neighbourhood's slots (flipped labels, shifted logits) is dropped.
+   the median over the neighbourhood's slots (flipped labels, shifted logits) and is worse
+   than ``loss_floor`` times a uniform guess's (ln C) is dropped. The floor is what keeps
+   honest non-IID neighbours: once the clients fit their own data, the median is small and an
+   honest neighbour's unfamiliar classes exceed a few times it, but rarely ln C, which flipped
+   labels exceed by far (RESULTS.md §8).
 
 The receiver's own slot is never clipped or dropped. A dropped slot's rows leave the kernel,
 the flow, the update and the tau choice (its mask is zeroed).
@@ -25,7 +29,7 @@ import typing
 
 import numpy as np
 
-SCREEN_PARAMS = {"clip_ratio": 4.0, "min_cosine": 0.0, "loss_ratio": 3.0}
+SCREEN_PARAMS = {"clip_ratio": 4.0, "min_cosine": 0.0, "loss_ratio": 3.0, "loss_floor": 1.0}
 
 
 class ScreenResult(typing.NamedTuple):
@@ -98,7 +102,9 @@ def screen(h, logits, labels, mask, slots, params=None):
     with np.errstate(all="ignore"):
         median = np.nanmedian(np.where(np.isnan(slot_loss).all(1, keepdims=True), 0.0, slot_loss),
                               axis=1)
-    misfit = present & (slot_loss > p["loss_ratio"] * median[:, None])
+    uniform = np.log(labels.shape[-1])  # a uniform guess's cross-entropy
+    misfit = present & (slot_loss > np.maximum(p["loss_ratio"] * median[:, None],
+                                               p["loss_floor"] * uniform))
     dropped = wrong_way | misfit
     row_keep = 1.0 - np.repeat(dropped, n, axis=1)
     return ScreenResult(row_scale.astype(np.float32), row_keep.astype(np.float32),
