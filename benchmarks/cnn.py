@@ -138,7 +138,7 @@ def train(model):
     line = {"model": model, "kernel": "dense" if fns.is_dense_stack else "explicit",
             "params": fns.num_params, "clients": FLAGS.clients, "kappa": FLAGS.num_neighbors,
             "samples_per_client": FLAGS.samples_per_client, "jacobian_batches": m,
-            "substep_rule": FLAGS.substep_rule,
+            "flow": FLAGS.flow,
             # a slice's neighbourhood: kappa + 1 clients' shares of the largest client's samples
             "neighbourhood_n": (FLAGS.num_neighbors + 1) * -(-clients.max_samples // m),
             "rounds": len(times), "round_seconds_median": statistics.median(times[1:] or times),
@@ -169,7 +169,7 @@ def run_child(single, time_limit):
     limit = int((FLAGS.memory_cap_gb + FLAGS.address_space_slack_gb) * GIB)
     passed = [FLAGS[name].serialize() for name in (
         "clients", "rounds", "num_neighbors", "alpha", "samples_per_client", "jacobian_batches",
-        "client_batch", "jit_compile", "substep_rule", "jacobian_chunk",
+        "client_batch", "jit_compile", "flow", "jacobian_chunk",
         "max_round_seconds", "seed")]
     passed += [FLAGS["data_dir"].serialize()] if FLAGS.data_dir else []
     cmd = [sys.executable, os.path.abspath(__file__), f"--single={single}"] + passed

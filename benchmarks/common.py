@@ -21,8 +21,8 @@ def define_setting_flags(clients):
     flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
     flags.DEFINE_integer("client_batch", 30, "NTK-DFL clients per TensorFlow call.")
     flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
-    flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"],
-                      "NTK-DFL Euler sub-steps.")
+    flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, "
+                        "euler_adaptive or euler_bound.")
     flags.DEFINE_list("taus", None, "NTK-DFL candidate evolution times in grid steps (default: "
                       "NTK-DFL.md's 100,...,800).")
     flags.DEFINE_float("learning_rate", 0.01, "NTK-DFL grid step eta.")
@@ -48,7 +48,7 @@ def setting_config(**fields):
 
     f = flags.FLAGS
     settings = dict(jacobian_batches=f.jacobian_batches, client_batch=f.client_batch,
-                    jit_compile=f.jit_compile, substep_rule=f.substep_rule,
+                    jit_compile=f.jit_compile, flow=f.flow,
                     learning_rate=f.learning_rate, lr_decay=f.lr_decay, seed=f.seed)
     if f.taus:
         settings["taus"] = tuple(int(t) for t in f.taus)

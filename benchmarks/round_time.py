@@ -6,7 +6,8 @@
 
 Prints one JSON line per (algorithm, clients): the median round time after one warm-up round
 (Fashion-MNIST, alpha=0.1, kappa=5, MLP 784-100-10, 200 samples per client; training only, no
-evaluation), the peak RSS so far, the mean Euler sub-steps, and the ``tf.function`` trace counts
+evaluation), the peak RSS so far, the mean integrator steps per grid step (``euler_substeps``,
+of ``--flow``), and the ``tf.function`` trace counts
 after the warm-up round and after the last (equal: no retracing), and the resident memory after
 each round (flat: no growth). Then the ratio of NTK-DFL's
 median to DFedAvg's (5 local epochs by default, as the performance issue asks). The sweeps time
@@ -32,7 +33,8 @@ flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off
 flags.DEFINE_list("client_batch", ["30"], "NTK-DFL clients per TensorFlow call; several values "
                   "are timed one after another, each against the same baseline rounds.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
-flags.DEFINE_enum("substep_rule", "adaptive", ["adaptive", "bound"], "NTK-DFL Euler sub-steps.")
+flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, euler_adaptive "
+                    "or euler_bound.")
 flags.DEFINE_list("taus", None, "NTK-DFL candidate grid (default: NTK-DFL.md's); a shorter grid "
                   "shortens the flow, which shows the flow's share of the round.")
 flags.DEFINE_list("kappas", [], "Sweep: NTK-DFL round time for each kappa.")
@@ -46,7 +48,7 @@ def make_algorithm(name, client_batch):
     """The algorithm as the launchers build it (``experiment.make_algorithm``)."""
     fields = dict(algorithm=name, jacobian_batches=FLAGS.jacobian_batches,
                   client_batch=client_batch, jit_compile=FLAGS.jit_compile,
-                  substep_rule=FLAGS.substep_rule, local_epochs=FLAGS.local_epochs)
+                  flow=FLAGS.flow, local_epochs=FLAGS.local_epochs)
     if FLAGS.taus:
         fields["taus"] = tuple(int(t) for t in FLAGS.taus)
     return experiment.make_algorithm(experiment.Config(**fields))
@@ -76,7 +78,7 @@ def time_rounds(name, clients, kappa, client_batch=None, **fields):
             "rss_mb_after_each_round": [round(r) for r in traces.rss]}
     if name == "ntk_dfl":
         line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=client_batch,
-                    jit_compile=FLAGS.jit_compile, substep_rule=FLAGS.substep_rule,
+                    jit_compile=FLAGS.jit_compile, flow=FLAGS.flow,
                     taus=list(trainer.algorithm.taus),
                     euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]])
     else:

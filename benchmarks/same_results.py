@@ -27,7 +27,7 @@ SETTINGS = {
     "ntk_batched_jit": ("ntk", dict(jacobian_batches=3, client_batch=4, jit_compile=True)),
     "ntk_single_tau_decay": ("ntk", dict(taus=(100,), learning_rate="decay")),
     "ntk_mse": ("ntk", dict(loss="mse")),
-    "ntk_bound": ("ntk", dict(substep_rule="bound")),
+    "ntk_bound": ("ntk", dict(flow="euler_bound")),
     "ntk_matrix_free": ("ntk", dict(kernel="matrix_free", taus=(50, 100))),
     "ntk_no_averaging": ("ntk", dict(per_round_averaging=False)),
     "ntk_dropout": ("ntk", dict(faults=dict(dropout=0.3, leave={2: 1}))),

@@ -20,7 +20,7 @@ and prints one JSON line:
     val_accuracy           the aggregated model (mean of all clients) on the 10,000 test images
                            after the last round (what fit(validation_data=test) logs as
                            val_accuracy for that round)
-    euler_substeps         per round, mean Euler sub-steps per grid step (``substep_rule``)
+    euler_substeps         per round, mean integrator steps per grid step (``flow``)
     flow_fallbacks         per round, slices whose adaptive flow was redone with the bound step
 
 How the kernel time is measured (directly, not modelled): NTK-DFL's worker evaluates the
@@ -124,7 +124,7 @@ def run_width(width, clients, test):
         "euler_substeps": [round(s, 2) for s in history.history["euler_substeps"]],
         "flow_fallbacks": [int(f) for f in history.history.get("flow_fallbacks", [])],
         "jacobian_batches": FLAGS.jacobian_batches, "client_batch": FLAGS.client_batch,
-        "jit_compile": FLAGS.jit_compile, "substep_rule": FLAGS.substep_rule,
+        "jit_compile": FLAGS.jit_compile, "flow": FLAGS.flow,
     }
     print(json.dumps(line), flush=True)
 

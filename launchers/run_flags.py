@@ -36,8 +36,9 @@ _HELP = {
                       "memory ~2 x chunk x classes x params floats (set it >= the "
                       "neighbourhood's samples to compute each Jacobian once).",
     "jit_compile": "NTK-DFL: compile the per-client evolution with XLA.",
-    "substep_rule": "NTK-DFL Euler sub-steps: adaptive (from the flow's own stiffness, redone "
-                    "with the bound if the flow loss rises) or bound (lambda_max(H/N)/2).",
+    "flow": "NTK-DFL cross-entropy flow integrator: dopri5 (Dormand-Prince, rtol 1e-4), exact "
+            "(the same, rtol 1e-6), euler_adaptive (Euler steps from the flow's stiffness, "
+            "redone with the bound if the flow loss rises) or euler_bound (lambda_max(H/N)/2).",
     "local_learning_rate": "Baselines: local SGD learning rate.",
     "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines: local epochs.",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",

@@ -49,7 +49,7 @@ class Config:
     client_batch: int = 1
     jacobian_chunk: int = 128
     jit_compile: bool = False
-    substep_rule: str = "adaptive"
+    flow: str = "dopri5"
     # baselines (DFedAvg family); None keeps each algorithm's documented default
     local_learning_rate: float = None
     batch_size: int = None
@@ -105,7 +105,7 @@ PRESETS = {
     # cells of a matrix run across sessions stay comparable.
     "byzantine": dict(num_clients=100, alpha=0.1, num_neighbors=5, samples_per_client=200,
                       rounds=30, jacobian_batches=6, client_batch=25, jit_compile=True,
-                      taus=(100,), substep_rule="adaptive", verbose=0, logdir="runs/byzantine"),
+                      taus=(100,), flow="euler_adaptive", verbose=0, logdir="runs/byzantine"),
 }
 
 
@@ -129,7 +129,7 @@ def make_algorithm(cfg, **overrides):
         settings = dict(learning_rate=lr, taus=cfg.taus, loss=cfg.loss, kernel=cfg.kernel,
                         per_round_averaging=cfg.per_round_averaging, packages=cfg.packages,
                         jacobian_batches=cfg.jacobian_batches, client_batch=cfg.client_batch,
-                        jit_compile=cfg.jit_compile, substep_rule=cfg.substep_rule,
+                        jit_compile=cfg.jit_compile, flow=cfg.flow,
                         jacobian_chunk=cfg.jacobian_chunk)
         return algorithms.NTKDFL(**{**settings, **overrides})
     local = {"learning_rate": cfg.local_learning_rate, "batch_size": cfg.batch_size,

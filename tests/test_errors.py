@@ -70,7 +70,8 @@ def test_input_shape_does_not_match_model():
     (dict(loss="mse", kernel="matrix_free"), "kernel='dense'"),
     (dict(client_batch=0), "client_batch"),
     (dict(jacobian_chunk=0), "jacobian_chunk"),
-    (dict(substep_rule="fast"), "'fast'; choose one of adaptive, bound"),
+    (dict(flow="x"), "Unknown flow 'x'; choose one of dopri5, exact, euler_adaptive, "
+                     "euler_bound"),
 ])
 def test_bad_ntkdfl_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

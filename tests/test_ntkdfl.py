@@ -189,8 +189,8 @@ def test_linearisation_logs_flow_and_model_loss_and_weight_spread(tiny):
 
 def test_adaptive_substeps_train_like_the_bound_with_fewer_steps(tiny):
     clients, test = tiny
-    adaptive, ha = _fit(clients, test, jacobian_batches=2)
-    bound, hb = _fit(clients, test, jacobian_batches=2, substep_rule="bound")
+    adaptive, ha = _fit(clients, test, jacobian_batches=2, flow="euler_adaptive")
+    bound, hb = _fit(clients, test, jacobian_batches=2, flow="euler_bound")
     a, b = ha.history, hb.history
     assert sum(a["euler_substeps"]) < sum(b["euler_substeps"])
     assert a["flow_fallbacks"] == [0.0, 0.0]
@@ -205,9 +205,24 @@ def test_adaptive_substeps_train_like_the_bound_with_fewer_steps(tiny):
     assert abs(a["val_accuracy"][-1] - b["val_accuracy"][-1]) < 0.03
 
 
+def test_default_flow_trains_like_the_exact_flow(tiny):
+    """flow="dopri5" (rtol 1e-4) and "exact" (rtol 1e-6), two rounds in a client batch: the same
+    taus and weights apart by far less than the rounds' move; no fallbacks (Euler only)."""
+    clients, test = tiny
+    default, hd = _fit(clients, test, jacobian_batches=2, client_batch=4)
+    exact, he = _fit(clients, test, jacobian_batches=2, client_batch=4, flow="exact")
+    assert hd.history["tau"] == he.history["tau"]
+    assert hd.history["flow_fallbacks"] == [0.0, 0.0]
+    assert 0 < hd.history["euler_substeps"][0] <= he.history["euler_substeps"][0]
+    for wd, we, w0 in zip(default.client_weights, exact.client_weights,
+                          default.fns.initial_weights()):
+        step = np.linalg.norm(we.numpy() - w0[None])
+        assert np.linalg.norm(wd.numpy() - we.numpy()) < 1e-3 * step
+
+
 def test_adaptive_step_falls_back_to_the_bound_when_the_flow_loss_rises(tiny, monkeypatch):
     """A flow that reports a rising loss is redone with the bound step: with every adaptive
-    flow made to report one, each slice is redone and the run equals substep_rule='bound'."""
+    flow made to report one, each slice is redone and the run equals flow='euler_bound'."""
     clients, test = tiny
     real = nd.kernels.adaptive_euler_flow
 
@@ -216,9 +231,9 @@ def test_adaptive_step_falls_back_to_the_bound_when_the_flow_loss_rises(tiny, mo
         return r, f, steps, tf.convert_to_tensor(bound_step)  # monotone only on the bound
 
     monkeypatch.setattr(nd.kernels, "adaptive_euler_flow", always_rising)
-    redone, hr = _fit(clients, test, jacobian_batches=2)
+    redone, hr = _fit(clients, test, jacobian_batches=2, flow="euler_adaptive")
     monkeypatch.undo()
-    bound, hb = _fit(clients, test, jacobian_batches=2, substep_rule="bound")
+    bound, hb = _fit(clients, test, jacobian_batches=2, flow="euler_bound")
     assert hr.history["flow_fallbacks"] == [16.0, 16.0]  # 8 clients one by one, 2 slices each
     assert hr.history["euler_substeps"] == hb.history["euler_substeps"]
     for wr, wb in zip(redone.client_weights, bound.client_weights):

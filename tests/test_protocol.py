@@ -139,7 +139,7 @@ def test_a_lossy_channel_changes_what_clients_compute_and_send():
 
 @pytest.mark.parametrize("options", [
     dict(), dict(loss="mse"), dict(jacobian_batches=2, client_batch=2),
-    dict(per_round_averaging=False, substep_rule="bound")],
+    dict(per_round_averaging=False, flow="euler_bound")],
     ids=["cross_entropy", "mse", "batched", "ablation_bound"])
 def test_explicit_packages_give_the_lazy_update(options):
     """Packages formed as arrays (J, logits, labels) and the lazy path (J never formed) give the

@@ -407,7 +407,7 @@ def test_ntkdfl_cross_entropy_tau_choice_matches_fine_step_reference():
     for seed in (0, 2):
         clients = make_clients(seed, NUM_NTK_CLIENTS_COUNTS)
         algorithm = nd.algorithms.NTKDFL(learning_rate=0.05, taus=CE_TAUS,
-                                         loss="cross_entropy", substep_rule="bound")
+                                         loss="cross_entropy", flow="euler_bound")
         trainer = nd.DecentralizedTrainer(model_fn, algorithm, nd.topology.Ring(), seed=seed)
         taken.append(check_ntkdfl_against_reference(
             trainer, clients, ring(len(clients)), 0.05, CE_TAUS, "cross_entropy", rounds=1,

@@ -19,7 +19,8 @@ from ntkdfl_tf import kernels, protocol, topology
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.errors import DivergenceError
 
-SUBSTEP_RULES = ("adaptive", "bound")
+FLOWS = ("dopri5", "exact", "euler_adaptive", "euler_bound")
+DOPRI_TOLERANCES = {"dopri5": (1e-4, 1e-6), "exact": (1e-6, 1e-8)}  # (rtol, atol)
 PACKAGE_FORMS = ("lazy", "explicit")
 
 
@@ -82,9 +83,10 @@ class EvolveResult(typing.NamedTuple):
         weights: NumPy ``[B, *shape]`` per variable.
         loss: the chosen candidates' real loss on the neighbourhood data (mean over slices).
         tau: the chosen tau (mean over slices).
-        substeps: Euler sub-steps per grid step of each slice's flow (0 for the closed form).
+        substeps: integrator steps per grid step of each slice's flow: Euler sub-steps, or
+            attempted Dormand-Prince steps (six products with H each); 0 for the closed form.
         flow_loss: the loss the linearised flow predicted at the chosen tau.
-        redone: slices redone with the bound step (``substep_rule``).
+        redone: slices redone with the bound step (``flow="euler_adaptive"``).
         clipped, dropped: package slots the screen clipped and dropped, over the slices.
     """
 
@@ -111,15 +113,17 @@ class NTKDFL(base.Algorithm):
     Args:
         learning_rate: grid step eta; a float or a callable ``round -> float``.
         taus: increasing candidate evolution times, in grid steps.
-        loss: ``"cross_entropy"`` (Euler flow) or ``"mse"`` (closed form through the
-            eigenbasis of H); see ``kernels.losses``.
+        loss: ``"cross_entropy"`` (integrated as ``flow`` says) or ``"mse"`` (closed form
+            through the eigenbasis of H, whatever ``flow``); see ``kernels.losses``.
         kernel: traced-NTK implementation, see ``ntkdfl_tf.kernels`` (``"auto"`` by default).
         per_round_averaging: False for the ablation without neighbour averaging.
         client_batch: clients evolved together in one TensorFlow call (1 by default; with
             ``jacobian_batches`` > 1 batches of 30-60 under ``jit_compile`` are fastest on CPU:
-            README, Performance). A batch shares one Euler step size, the finest any of its
-            clients needs. Batches are contiguous runs of client indices, the same every round
-            (a remote executor keeps each run's data on one actor).
+            README, Performance). With an Euler ``flow`` a batch shares one step size, the
+            finest any of its clients needs; with Dormand-Prince every client keeps its own and
+            the call lasts as long as its slowest. Batches are contiguous runs of client
+            indices, the same every round (a remote executor keeps each run's data on one
+            actor).
         jacobian_chunk: samples per Jacobian chunk for ``kernel="explicit"`` and explicit
             packages (bounds memory).
         jacobian_batches: the reference's Jacobian batching ``m``. Each round every client's
@@ -128,11 +132,15 @@ class NTKDFL(base.Algorithm):
             kernel, flow and tau, the Jacobians (kernel and VJP) taken at the round's averaged
             weights and the outputs at the current weights. Kernel and flow cost fall ~m-fold.
         jit_compile: compile the flow, candidate updates and tau choice with XLA.
-        substep_rule: Euler sub-steps per grid step of the cross-entropy flow.
-            ``"adaptive"`` (default): from the flow's own stiffness lambda_max((1/N) H S(f)),
+        flow: how the cross-entropy flow is integrated (README: the flow argument).
+            ``"dopri5"`` (default): adaptive Dormand-Prince 5(4) with rtol 1e-4, f at the grid
+            points from its dense output (``kernels.dormand_prince_flow``). ``"exact"``: the
+            same to rtol 1e-6, as the reference integrates it. ``"euler_adaptive"``: forward
+            Euler whose sub-steps follow the flow's own stiffness lambda_max((1/N) H S(f)),
             re-estimated every 25 grid steps (``kernels.adaptive_euler_flow``); if the flow
-            loss ever rises, the slice is redone with the bound. ``"bound"``: always the bound
-            lambda_max(H/N)/2, safe for any f (``kernels.euler_substeps``).
+            loss ever rises, the slice is redone with the bound (the default before
+            ``dopri5``). ``"euler_bound"``: Euler sub-steps from the bound lambda_max(H/N)/2,
+            safe for any f (``kernels.euler_substeps``).
         packages: how a receiver uses its Jacobian packages. ``"lazy"`` (default): the
             simulation evaluates what it needs from the senders' samples at w_bar (the
             structured kernel never forms J). ``"explicit"``: every package is materialised
@@ -151,7 +159,7 @@ class NTKDFL(base.Algorithm):
     jacobian_chunk: int = 128
     jacobian_batches: int = 1
     jit_compile: bool = False
-    substep_rule: str = "adaptive"
+    flow: str = "dopri5"
     packages: str = "lazy"
 
     name: typing.ClassVar[str] = "ntk_dfl"
@@ -163,9 +171,8 @@ class NTKDFL(base.Algorithm):
                              "e.g. taus=(100, 200, 300, 400, 500, 600, 800).")
         object.__setattr__(self, "taus", taus)
         kernels.losses.get(self.loss)  # raises for an unknown name
-        if self.substep_rule not in SUBSTEP_RULES:
-            raise ValueError(f"Unknown substep_rule {self.substep_rule!r}; choose one of "
-                             f"{', '.join(SUBSTEP_RULES)}.")
+        if self.flow not in FLOWS:
+            raise ValueError(f"Unknown flow {self.flow!r}; choose one of {', '.join(FLOWS)}.")
         if self.packages not in PACKAGE_FORMS:
             raise ValueError(f"Unknown packages {self.packages!r}; choose one of "
                              f"{', '.join(PACKAGE_FORMS)}.")

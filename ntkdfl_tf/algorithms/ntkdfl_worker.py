@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from ntkdfl_tf import kernels, protocol
 from ntkdfl_tf.algorithms import base, package_screen
-from ntkdfl_tf.algorithms.ntkdfl import EvolveResult
+from ntkdfl_tf.algorithms.ntkdfl import DOPRI_TOLERANCES, EvolveResult
 
 
 class SliceResult(typing.NamedTuple):
@@ -23,7 +23,8 @@ class SliceResult(typing.NamedTuple):
     tau_index: tf.Tensor
     substeps: tf.Tensor
     flow_loss: tf.Tensor
-    monotone: tf.Tensor  # every flow loss finite and non-increasing (else: redo with the bound)
+    monotone: tf.Tensor  # euler_adaptive: every flow loss finite and non-increasing (else: redo
+    # with the bound); Dormand-Prince: every client reached the last tau
 
 
 class NTKDFLWorker(base.Worker):
@@ -64,7 +65,7 @@ class NTKDFLWorker(base.Worker):
         current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
         clipped = dropped = 0
         eta = tf.constant(context.eta, tf.float32)
-        bound = algorithm.substep_rule == "bound"
+        redo_rising = algorithm.flow == "euler_adaptive"  # the only flow without a guarantee
         codec = context.codec
         attack = context.attack if call.tampered is not None and call.tampered.any() else None
         explicit = (algorithm.packages == "explicit" or (codec is not None and
@@ -121,8 +122,8 @@ class NTKDFLWorker(base.Worker):
                 dropped += int(decision.dropped.sum())
             args = (weights, current, feats, labels, mask, h, eta, tf.constant(row_scale),
                     tf.constant(logit_offset))
-            result = self._evolve(*args, tf.constant(bound), received)
-            if not bound and not bool(result.monotone):  # the adaptive step was too long: redo
+            result = self._evolve(*args, tf.constant(False), received)
+            if redo_rising and not bool(result.monotone):  # the adaptive step was too long: redo
                 result = self._evolve(*args, tf.constant(True), received)
                 redone += 1
             current = result.weights
@@ -202,10 +203,10 @@ class NTKDFLWorker(base.Worker):
         ``row_scale`` ``[B, N]`` multiplies each row's Jacobian in the update (``h`` already
         carries it) and ``logit_offset`` is added to the logits the flow starts from: how lazy
         packages carry a Byzantine sender's tampering and the screen's clipping (ones and
-        zeros otherwise). ``bound_step`` (bool tensor) picks the Euler step: the bound for any
-        f, or the adaptive one. ``received``: explicit packages (then J, the starting logits
-        and the labels come from them) or None. The last output says whether every flow loss
-        was finite and non-increasing.
+        zeros otherwise). ``bound_step`` (bool tensor) makes ``flow="euler_adaptive"`` take
+        the bound's Euler step (its redo). ``received``: explicit packages (then J, the
+        starting logits and the labels come from them) or None. The last output is the
+        flow's check (``SliceResult.monotone``).
         """
         algorithm, fns, loss = self.algorithm, self.fns, self.loss
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
@@ -228,7 +229,11 @@ class NTKDFLWorker(base.Worker):
         if loss.closed_form:
             r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
             substeps, monotone = tf.constant(0.0), tf.constant(True)
-        elif algorithm.substep_rule == "bound":
+        elif algorithm.flow in DOPRI_TOLERANCES:
+            rtol, atol = DOPRI_TOLERANCES[algorithm.flow]
+            r_sums, f_taus, substeps, monotone = kernels.dormand_prince_flow(
+                h, f0, labels, mask, n, eta, taus, loss, rtol=rtol, atol=atol)
+        elif algorithm.flow == "euler_bound":
             steps = kernels.euler_substeps(h, n, eta, mask=mask)
             r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, steps, loss)
             substeps = tf.cast(steps, tf.float32)
