@@ -41,3 +41,20 @@ def tiny(small_fashion):
         clients.x.reshape((-1,) + clients.x.shape[2:]), clients.y.reshape(-1),
         [np.arange(k * clients.max_samples, k * clients.max_samples + 30) for k in range(8)])
     return sub, (test[0][:300], test[1][:300])
+
+
+@pytest.fixture
+def one_line_error():
+    """``check(fn, *args, names=...)``: ``fn(*args)`` raises a one-line ValueError naming each
+    of ``names``; returns the message."""
+
+    def check(fn, *args, names=()):
+        with pytest.raises(ValueError) as err:
+            fn(*args)
+        message = str(err.value)
+        assert "\n" not in message
+        for name in names:
+            assert name in message, (name, message)
+        return message
+
+    return check

@@ -285,12 +285,7 @@ def test_check_params_fills_defaults_and_returns_a_copy():
     ("alie", {"z": float("nan")}, ["z", "nan"]),
     ("sign_flip", {"scale": True}, ["scale", "True"]),
     ("scaling", {"factor": "10"}, ["factor", "'10'"])])
-def test_check_params_errors_name_the_bad_thing(attack, params, names):
-    with pytest.raises(ValueError) as err:
-        attacks.check_params(attack, params)
-    message = str(err.value)
-    assert "\n" not in message
-    for name in names:
-        assert name in message, (name, message)
+def test_check_params_errors_name_the_bad_thing(attack, params, names, one_line_error):
+    one_line_error(attacks.check_params, attack, params, names=names)
     with pytest.raises(ValueError):  # byzantine_weights checks too
         _run(attack, params)
