@@ -11,7 +11,7 @@ from ntkdfl_tf import experiment
 
 _D = experiment.Config()
 _HELP = {
-    "algorithm": "ntk_dfl, dfedavg, dfedavgm, dpsgd or dfedsam.",
+    "algorithm": "ntk_dfl, dfedavg, dfedavgm, dpsgd, dfedsam or dispfl.",
     "dataset": "fashion_mnist or mnist.",
     "data_dir": "Folder with the original IDX .gz files (else $NTKDFL_DATA_DIR, Debian's "
                 "folder, then tfds).",
@@ -42,6 +42,7 @@ _HELP = {
     "local_learning_rate": "Baselines: local SGD learning rate.",
     "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines: local epochs.",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",
+    "sparsity": "DisPFL: share of each client's weights its sparse mask leaves out (0.5).",
     "dropout": "Probability that a client sits out a round (neither sends nor updates).",
     "message_loss": "Probability that a directed link fails in a round (the channel loses "
                     "every message over it).",

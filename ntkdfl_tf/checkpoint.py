@@ -2,8 +2,9 @@
 
 A checkpoint holds every client's weights, the number of finished rounds, the root seed, the
 table of derived random streams and any other JSON-able entries of the state (the run's
-configuration fingerprint). No algorithm keeps state between rounds (the baselines' momentum
-buffers start at zero every round, as in the reference). The streams are keyed by (root seed,
+configuration fingerprint), and the algorithm's state between rounds when it has one
+(``algorithm_state``: DisPFL's masks; the baselines' momentum buffers start at zero every
+round, as in the reference). The streams are keyed by (root seed,
 stream, round), so the seed and the round fix every later draw (topology, sampling, failures,
 channel) exactly.
 
@@ -18,7 +19,8 @@ starts afresh: the previous file is a backup of it, never resumed from on its ow
 
 Layout (format 2). A zip (stored, not compressed; ``np.load`` opens it) of ``meta.json``
 (``{"format", "num_weights", "state"}``, ``state`` being the JSON-able entries),
-``weight_<i>.npy``, and last ``sha256.txt``: the SHA-256 of
+``weight_<i>.npy``, ``state_<field>_<i>.npy`` for each array of the algorithm's state (its
+fields and their lengths in ``meta.json``'s ``algorithm_state``; absent without state), and last ``sha256.txt``: the SHA-256 of
 every other member's name and bytes, in order. ``load`` reads every byte and checks the digest,
 so a truncated file or a flipped byte anywhere in the arrays or the metadata raises
 ``CheckpointError`` naming the file. Format-1 files (one ``meta.npy``, no digest) are refused
@@ -39,7 +41,7 @@ from ntkdfl_tf.io import atomic_open, atomic_path
 
 FORMAT = 2
 NAME = "checkpoint.npz"
-_ARRAYS = ("weights",)
+_ARRAYS = ("weights", "algorithm_state")
 _DIGEST = "sha256.txt"
 _FRESH = "delete it, or start afresh with --noresume"
 
@@ -78,6 +80,9 @@ def _meta_json(state):
                             "keep extra entries to JSON types (dict, list, str, number, bool, "
                             "None).") from e
     meta = {"format": FORMAT, "num_weights": len(state["weights"]), "state": extra}
+    if state.get("algorithm_state") is not None:
+        meta["algorithm_state"] = {name: len(arrays)
+                                   for name, arrays in state["algorithm_state"].items()}
     return json.dumps(meta, default=_numpy_scalar).encode()
 
 
@@ -96,12 +101,17 @@ def _members(state):
         ValueError: an array holds Python objects.
     """
     members = [("meta.json", _meta_json(state))]
-    for i, array in enumerate(state["weights"]):
+    arrays = [(f"weight_{i}.npy", f"state['weights'][{i}]", a)
+              for i, a in enumerate(state["weights"])]
+    for name, values in (state.get("algorithm_state") or {}).items():
+        arrays += [(f"state_{name}_{i}.npy", f"state['algorithm_state'][{name!r}][{i}]", a)
+                   for i, a in enumerate(values)]
+    for member, what, array in arrays:
         array = np.asarray(array)
         if array.dtype.hasobject:  # would need pickling, which load refuses (unsafe)
-            raise ValueError(f"state['weights'][{i}] holds Python objects (dtype object); "
+            raise ValueError(f"{what} holds Python objects (dtype object); "
                              "checkpoints store numeric arrays only.")
-        members.append((f"weight_{i}.npy", array))
+        members.append((member, array))
     return members
 
 
@@ -220,7 +230,12 @@ def _unpack(path, members):
         fmt = meta.get("format")
         if fmt == FORMAT:
             weights = [members[f"weight_{i}.npy"] for i in range(meta["num_weights"])]
-            return dict(meta["state"], weights=weights)
+            state = dict(meta["state"], weights=weights)
+            if "algorithm_state" in meta:
+                state["algorithm_state"] = {
+                    name: [members[f"state_{name}_{i}.npy"] for i in range(count)]
+                    for name, count in meta["algorithm_state"].items()}
+            return state
     except (KeyError, ValueError) as e:  # a file written by something other than save()
         raise CheckpointError(f"The checkpoint {path} lacks or garbles the entry {e}; "
                               f"{_FRESH}.") from e
@@ -232,10 +247,14 @@ def check_same_run(state, expected, source):
     """Raises CheckpointError unless ``state`` (from ``load``) is of the run ``expected``
     describes: the basics (seed, algorithm, num_clients, streams) and ``state["config"]``
     compared field by field with ``expected`` (``trainer.configuration()`` plus the basics);
-    the message names the first differing field."""
+    the message names the first differing field. A stream table that only adds streams to
+    the checkpoint's is the same run: the streams it had draw exactly as before."""
     basics = ("seed", "algorithm", "num_clients", "streams")
     mine = json.loads(json.dumps(expected))  # as it reads back from the file: lists, not tuples
     theirs = {**{key: state.get(key) for key in basics}, **(state.get("config") or {})}
+    if isinstance(theirs["streams"], dict) and isinstance(mine.get("streams"), dict) and all(
+            mine["streams"].get(k) == v for k, v in theirs["streams"].items()):
+        theirs["streams"] = mine["streams"]
     differing = [key for key in list(basics) + sorted(set(mine) | set(theirs))
                  if mine.get(key) != theirs.get(key)]
     if differing:

@@ -56,6 +56,7 @@ class Config:
     local_epochs: int = None
     momentum: float = None
     sam_rho: float = None
+    sparsity: float = None  # DisPFL: the share of weights each client's mask leaves out
     # failures (ntkdfl_tf.Faults) and lost messages (the channel), each from its own stream
     dropout: float = 0.0
     message_loss: float = 0.0
@@ -122,6 +123,8 @@ def make_topology(cfg):
 
 def make_algorithm(cfg, **overrides):
     """The algorithm ``cfg`` describes; ``overrides`` replace NTK-DFL settings (benchmarks)."""
+    if cfg.sparsity is not None and cfg.algorithm != "dispfl":
+        raise ValueError(f"--sparsity sets DisPFL's masks; {cfg.algorithm} has none (drop it).")
     lr = cfg.learning_rate
     if cfg.lr_decay:
         lr = functools.partial(decayed_learning_rate, cfg.learning_rate, cfg.lr_decay)
@@ -134,6 +137,8 @@ def make_algorithm(cfg, **overrides):
         return algorithms.NTKDFL(**{**settings, **overrides})
     local = {"learning_rate": cfg.local_learning_rate, "batch_size": cfg.batch_size,
              "local_epochs": cfg.local_epochs, "momentum": cfg.momentum, "sam_rho": cfg.sam_rho}
+    if cfg.sparsity is not None:  # only DisPFL has masks
+        local["sparsity"] = cfg.sparsity
     return algorithms.get(cfg.algorithm, **{k: v for k, v in local.items() if v is not None})
 
 

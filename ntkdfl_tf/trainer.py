@@ -11,7 +11,7 @@ import tensorflow as tf
 from ntkdfl_tf import checkpoint, defences, executors, functional, protocol
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.data.client_data import ClientData
-from ntkdfl_tf.errors import DivergenceError
+from ntkdfl_tf.errors import CheckpointError, DivergenceError
 from ntkdfl_tf.faults import Faults
 
 EVAL_CHUNK = 2048  # test samples per forward pass
@@ -19,7 +19,7 @@ DIVERGED_WEIGHT = 1e12  # a float32 weight this large means the run has blown up
 # Derived random streams: each is keyed by (root seed, stream, round), so a stream's draws do
 # not depend on how many draws another stream made, and a resumed run needs only the seed.
 STREAMS = {"init": 0, "partition": 1, "topology": 2, "sampling": 3, "failures": 4, "channel": 5,
-           "byzantine": 6, "adversary": 7}
+           "byzantine": 6, "adversary": 7, "masks": 8}
 
 
 def stream_rng(seed, stream, round_index=0):
@@ -108,7 +108,9 @@ class DecentralizedTrainer:
         self.fns = functional.ModelFunctions(model)
         self.initial_weights = self.fns.initial_weights()  # every client starts here
         self.client_weights = None  # list of [K, *shape] tensors once fit starts
+        self.algorithm_state = None  # the algorithm's state_type between rounds, if it has one
         self._data_fingerprint = self._sample_bytes = None
+        self._client_label_share = None  # [K, C]: each client's training label distribution
         self.round = 0
         self.last_client_accuracy = None
         # one trace per group size (the aggregate, min(eval_batch, K) clients): no relaxed
@@ -132,6 +134,8 @@ class DecentralizedTrainer:
         feats = tf.reshape(feats, [k, n_max] + feats.shape[1:].as_list())
         mask = tf.constant(clients.mask)
         labels = tf.one_hot(clients.y, c) * mask[..., None]
+        self._client_label_share = (tf.reduce_sum(labels, 1).numpy()
+                                    / np.maximum(clients.counts, 1)[:, None])
         self._data_fingerprint = clients.fingerprint()
         self._sample_bytes = int(np.prod(clients.x.shape[2:])) * clients.x.dtype.itemsize
         return base.ClientTensors(feats, labels, mask, clients.counts)
@@ -197,6 +201,7 @@ class DecentralizedTrainer:
         if self.client_weights is None or int(self.client_weights[0].shape[0]) != k:
             self.client_weights = [tf.constant(np.repeat(w[None], k, axis=0))
                                    for w in self.initial_weights]
+            self.algorithm_state = self._initial_algorithm_state(k)
             self.round = 0
 
         self.executor.start(self.algorithm, tensors, fns=self.fns, model_fn=self.model_fn)
@@ -215,6 +220,7 @@ class DecentralizedTrainer:
             start = int(self.model._initial_epoch)
             self.client_weights = [tf.constant(np.repeat(v.numpy()[None], k, axis=0))
                                    for v in self.model.trainable_variables]
+            self.algorithm_state = self._initial_algorithm_state(k)  # not in the backup
         if start >= rounds:
             warnings.warn(f"fit(rounds={rounds}) does nothing: the trainer is already at round "
                           f"{start}; pass a larger rounds to continue.")
@@ -230,18 +236,21 @@ class DecentralizedTrainer:
                 graph = graph & active[:, None] & active[None, :]
             channel = self.channel.round(k, stream_rng(self.seed, "channel", r),
                                          self._adversary(r, rounds))
-            weights, logs = self.algorithm.run_round(
+            output = self.algorithm.run_round(
                 base.RoundInput(r, self.client_weights, graph, tensors.counts,
                                 int(tensors.mask.shape[1]), stream_rng(self.seed, "sampling", r),
-                                self.fns, self._sample_bytes, self.defence, rounds),
+                                self.fns, self._sample_bytes, self.defence, rounds,
+                                self.algorithm_state),
                 channel, self.executor)
-            if active is not None:  # clients that sat out keep their weights
+            weights, logs, state = output.weights, output.logs, output.state
+            if active is not None:  # clients that sat out keep their weights (and state)
                 keep = tf.constant(active)
                 weights = [tf.where(tf.reshape(keep, [-1] + [1] * (w.shape.rank - 1)), w, old)
                            for w, old in zip(weights, self.client_weights)]
+                state = base.state_rows(state, active, self.algorithm_state)
             logs = dict(logs, bytes_sent=float(channel.bytes_delivered))
             self._check_finite(weights, logs, r)
-            self.client_weights = weights
+            self.client_weights, self.algorithm_state = weights, state
             logs["round_seconds"] = time.perf_counter() - t0
             logs.update(self.executor.round_stats())
             logs["client_weight_spread"] = client_weight_spread(self.client_weights)
@@ -259,6 +268,10 @@ class DecentralizedTrainer:
                 break
         cb_list.on_train_end(logs)
         return self.model.history
+
+    def _initial_algorithm_state(self, num_clients):
+        """The algorithm's state before round 0, from the ``masks`` stream (None: stateless)."""
+        return self.algorithm.initial_state(num_clients, self.fns, stream_rng(self.seed, "masks"))
 
     def _adversary(self, round_index, rounds):
         """The round's ``protocol.Adversary``, or None without Byzantine clients."""
@@ -318,11 +331,14 @@ class DecentralizedTrainer:
         """Everything needed to continue this run exactly (see ``ntkdfl_tf.checkpoint``)."""
         if self.client_weights is None:
             raise RuntimeError("No client models yet: call fit() first.")
-        return {"round": int(self.round), "seed": self.seed, "streams": STREAMS,
-                "algorithm": self.algorithm.name,
-                "num_clients": int(self.client_weights[0].shape[0]),
-                "config": self.configuration(),
-                "weights": [w.numpy() for w in self.client_weights]}
+        state = {"round": int(self.round), "seed": self.seed, "streams": STREAMS,
+                 "algorithm": self.algorithm.name,
+                 "num_clients": int(self.client_weights[0].shape[0]),
+                 "config": self.configuration(),
+                 "weights": [w.numpy() for w in self.client_weights]}
+        if self.algorithm_state is not None:  # absent otherwise: the files stay as they were
+            state["algorithm_state"] = base.state_arrays(self.algorithm_state)
+        return state
 
     def set_state(self, state, source="the checkpoint"):
         """Restores ``get_state()`` output; the trainer must be in ``fit`` or after it.
@@ -336,6 +352,13 @@ class DecentralizedTrainer:
             "seed": self.seed, "algorithm": self.algorithm.name, "streams": STREAMS,
             "num_clients": int(self.client_weights[0].shape[0]), **self.configuration()}, source)
         self.client_weights = [tf.constant(w) for w in state["weights"]]
+        if self.algorithm.state_type is not None:
+            if state.get("algorithm_state") is None:
+                raise CheckpointError(
+                    f"{source} has no {self.algorithm.name} state (its "
+                    f"{', '.join(self.algorithm.state_type._fields)}); start afresh with "
+                    "--noresume.")
+            self.algorithm_state = self.algorithm.state_type(**state["algorithm_state"])
         self.round = int(state["round"])
         self._set_model_to_aggregate()
 
@@ -378,10 +401,14 @@ class DecentralizedTrainer:
         return model
 
     def _eval_group(self, weights, feats, y):
-        """Correct predictions (exact: integer counts) and summed loss of B models: ``[B]``."""
+        """Correct predictions per true class ``[B, C]`` (exact integer counts: at most
+        ``EVAL_CHUNK`` per entry, far below float32's 2**24) and summed loss ``[B]`` of B
+        models."""
         logits = self.fns.forward(weights, feats)  # [B, N, C]
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y[None]), tf.int64), -1)
-        labels = tf.broadcast_to(tf.one_hot(y, self.fns.num_classes)[None], tf.shape(logits))
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1), y[None]), tf.float32)  # [B, N]
+        one_hot = tf.one_hot(y, self.fns.num_classes)
+        correct = tf.cast(tf.round(tf.matmul(hits, one_hot)), tf.int64)
+        labels = tf.broadcast_to(one_hot[None], tf.shape(logits))
         loss = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
         return correct, tf.reduce_sum(loss, -1)
 
@@ -417,9 +444,18 @@ class DecentralizedTrainer:
         Returns:
             ``(accuracy, loss)``: float64 arrays ``[B]``.
         """
-        b, n = int(weights[0].shape[0]), int(features.shape[0])
+        correct, loss = self._evaluate_counts(weights, features, y)
+        n = int(features.shape[0])
+        return correct.sum(1) / n, loss / n
+
+    def _evaluate_counts(self, weights, features, y):
+        """``evaluate_models``' sums: correct predictions per true class (int64 ``[B, C]``)
+        and summed loss (``[B]``)."""
+        b = int(weights[0].shape[0])
+        n = int(features.shape[0])
         y = tf.constant(np.asarray(y), tf.int64)
-        correct, loss = np.zeros(b, np.int64), np.zeros(b)
+        correct = np.zeros((b, self.fns.num_classes), np.int64)
+        loss = np.zeros(b)
         weights = [tf.convert_to_tensor(w, tf.float32) for w in weights]
         for group in base.client_groups(b, min(self.eval_batch, b)):
             w = [tf.gather(v, group.indices) for v in weights]
@@ -428,7 +464,7 @@ class DecentralizedTrainer:
                 hits, total = self._eval_fn(w, features[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK])
                 correct[real] += hits.numpy()[:group.real]
                 loss[real] += total.numpy()[:group.real]
-        return correct / n, loss / n
+        return correct, loss
 
     def evaluate(self, x, y, features_ready=False, clients=True):
         """Test metrics of the aggregated model and of every client model.
@@ -442,7 +478,11 @@ class DecentralizedTrainer:
         Returns:
             Dict of ``val_loss``, ``val_accuracy`` (aggregate) and ``val_client_mean_accuracy``,
             ``val_client_min_accuracy``, ``val_client_max_accuracy``,
-            ``val_client_worst10_accuracy``; with Byzantine clients or a defence also the honest
+            ``val_client_worst10_accuracy``, ``val_client_local_accuracy`` (the mean over
+            clients of each one's accuracy on its own label distribution: its per-class test
+            accuracies weighted by its training label shares, which is what a local test set
+            drawn like its training data measures under label skew, DisPFL's and other
+            personalised methods' metric); with Byzantine clients or a defence also the honest
             clients' (``val_honest_*``). Per-client accuracies are kept in
             ``trainer.last_client_accuracy``.
         """
@@ -452,16 +492,32 @@ class DecentralizedTrainer:
         agg_acc, agg_loss = (float(v[0]) for v in self.evaluate_models(aggregate, x, y))
         if not clients:
             return {"val_loss": agg_loss, "val_accuracy": agg_acc}
-        client_acc, _ = self.evaluate_models(self.client_weights, x, y)
+        correct, _ = self._evaluate_counts(self.client_weights, x, y)
+        client_acc = correct.sum(1) / int(x.shape[0])
         self.last_client_accuracy = client_acc
         logs = {"val_loss": agg_loss, "val_accuracy": agg_acc,
                 "val_client_mean_accuracy": float(client_acc.mean()),
                 "val_client_min_accuracy": float(client_acc.min()),
                 "val_client_max_accuracy": float(client_acc.max()),
                 "val_client_worst10_accuracy": worst_tenth(client_acc)}
+        local = self._local_distribution_accuracy(correct, y)
+        if local is not None:
+            logs["val_client_local_accuracy"] = float(local[self.present_clients()].mean())
         if self.byzantine_clients is not None or self.defence is not None:
             logs.update(self._honest_metrics(x, y, client_acc))
         return logs
+
+    def _local_distribution_accuracy(self, correct, y):
+        """Each client's test accuracy reweighted to its training label distribution ``[K]``
+        (classes absent from the test set dropped and the shares renormalised); None before
+        ``fit`` has seen the clients."""
+        share = self._client_label_share
+        if share is None or len(share) != len(correct):
+            return None
+        per_class = np.bincount(np.asarray(y), minlength=correct.shape[1])
+        share = share * (per_class > 0)
+        share = share / np.maximum(share.sum(1, keepdims=True), 1e-12)
+        return (share * correct / np.maximum(per_class, 1)).sum(1)
 
     def _honest_metrics(self, x, y, client_acc):
         """Accuracy of the honest clients: their aggregate (an oracle: the mean of the honest

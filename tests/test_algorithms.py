@@ -12,6 +12,7 @@ FAST = {  # every algorithm, with settings small enough for a unit test
     "dfedavgm": dict(local_epochs=2),
     "dpsgd": dict(),
     "dfedsam": dict(local_epochs=2),
+    "dispfl": dict(),  # its defaults: 5 epochs of one 128-batch on ~100 samples
 }
 
 

@@ -4,11 +4,12 @@ from ntkdfl_tf.algorithms.base import Algorithm, RoundInput, RoundOutput, Worker
 from ntkdfl_tf.algorithms.dfedavg import DFedAvg
 from ntkdfl_tf.algorithms.dfedavgm import DFedAvgM
 from ntkdfl_tf.algorithms.dfedsam import DFedSAM
+from ntkdfl_tf.algorithms.dispfl import DisPFL
 from ntkdfl_tf.algorithms.dpsgd import DPSGD
 from ntkdfl_tf.algorithms.local_sgd import LocalSGD
 from ntkdfl_tf.algorithms.ntkdfl import NTKDFL
 
-ALGORITHMS = {cls.name: cls for cls in (NTKDFL, DFedAvg, DFedAvgM, DPSGD, DFedSAM)}
+ALGORITHMS = {cls.name: cls for cls in (NTKDFL, DFedAvg, DFedAvgM, DPSGD, DFedSAM, DisPFL)}
 
 
 def get(name, **kwargs):

@@ -74,6 +74,8 @@ class RoundInput(typing.NamedTuple):
         defence: the receivers' ``defences.Defence`` against Byzantine neighbours, or None
             (uniform averaging, every package used as received).
         total_rounds: the rounds of this ``fit`` (defences whose threshold decays use it).
+        state: the algorithm's state from the previous round (``Algorithm.initial_state`` at
+            the start), None for algorithms without state.
     """
 
     index: int
@@ -86,6 +88,7 @@ class RoundInput(typing.NamedTuple):
     sample_bytes: int = None
     defence: typing.Any = None
     total_rounds: int = 1
+    state: typing.Any = None
 
     @property
     def num_clients(self):
@@ -93,15 +96,16 @@ class RoundInput(typing.NamedTuple):
 
 
 class RoundOutput(typing.NamedTuple):
-    """A round's new client weights and flat logs (Python floats, always ``loss``).
+    """A round's new client weights, flat logs (Python floats, always ``loss``) and state.
 
-    No algorithm carries state from round to round (the baselines' momentum buffers start at
-    zero every round, as in the reference); one that needs it would return it here, typed, and
-    the checkpoint would save it.
+    Most algorithms carry nothing from round to round (the baselines' momentum buffers start
+    at zero every round, as in the reference); one that does (DisPFL's masks) returns its
+    ``Algorithm.state_type`` here, and the trainer checkpoints it.
     """
 
     weights: list
     logs: dict
+    state: typing.Any = None
 
 
 class Worker:
@@ -139,6 +143,14 @@ class Algorithm:
     """
 
     name = "algorithm"
+    # A NamedTuple whose every field is a list of per-client ``[K, ...]`` NumPy arrays, or
+    # None for an algorithm without state between rounds.
+    state_type = None
+
+    def initial_state(self, num_clients, fns, rng):
+        """The state before round 0 (``state_type``), drawn from ``rng`` (the trainer's
+        ``masks`` stream); None for algorithms without state."""
+        return None
 
     def make_worker(self, fns):
         """The worker that runs this algorithm's calls for the model behind ``fns``."""
@@ -193,6 +205,23 @@ def describe(value):
         return {"class": type(value).__name__, "name": describe(value.name)}
     raise TypeError(f"Cannot describe {value!r} for the run's configuration fingerprint; use "
                     "plain numbers, strings, functions or objects with attributes.")
+
+
+def state_arrays(state):
+    """``{field: [arrays]}`` of a ``state_type`` value (for checkpoints), None for None."""
+    if state is None:
+        return None
+    return {name: [np.asarray(a) for a in value] for name, value in state._asdict().items()}
+
+
+def state_rows(state, keep, old):
+    """``state`` with the rows of clients where ``keep`` [K] is False taken from ``old``."""
+    if state is None or old is None:
+        return state
+    def where(new, previous):
+        return np.where(keep.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, previous)
+    return type(state)(**{name: [where(n, o) for n, o in zip(value, getattr(old, name))]
+                          for name, value in state._asdict().items()})
 
 
 def tracing_counts(**owners):

@@ -136,7 +136,8 @@ class RoundChannel:
                 if key not in by_sender:
                     by_sender[key] = tuple(codecs.encode_values(self.weight_codec, w, self._rng)
                                            for w in m.weights)
-                m = WeightsMessage(m.sender, m.receiver, by_sender[key], self.weight_codec)
+                m = WeightsMessage(m.sender, m.receiver, by_sender[key], self.weight_codec,
+                                   m.mask)
             elif isinstance(m, JacobianPackage) and self.codec.stages:
                 m = dataclasses.replace(m, codec=self.codec, samples=self._subsample(m))
             encoded.append(m)

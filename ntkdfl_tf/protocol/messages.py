@@ -35,18 +35,36 @@ class WeightsMessage:
         weights: one NumPy array per trainable variable (views of the sender's stacked row,
             or what the receiver decodes when a codec encoded them).
         codec: the ``codecs.Codec`` it travelled with; None: raw float32.
+        mask: None for dense weights, else one boolean array per variable (DisPFL's sparse
+            models): the message carries only the values where the mask is set, plus where
+            they are (``sparse_position_nbytes``); ``weights`` holds them densely, zero
+            elsewhere.
     """
 
     sender: int
     receiver: int
     weights: tuple
     codec: typing.Any = None
+    mask: tuple = None
 
     @property
     def nbytes(self):
-        if self.codec is None:
-            return int(sum(w.nbytes for w in self.weights))
-        return self.codec.weights_nbytes([w.shape for w in self.weights])
+        if self.mask is None:
+            if self.codec is None:
+                return int(sum(w.nbytes for w in self.weights))
+            return self.codec.weights_nbytes([w.shape for w in self.weights])
+        kept = [int(np.count_nonzero(m)) for m in self.mask]
+        values = (sum(4 * n for n in kept) if self.codec is None
+                  else self.codec.weights_nbytes([(n,) for n in kept]))
+        return int(values + sum(sparse_position_nbytes(m.size, n)
+                                for m, n in zip(self.mask, kept)))
+
+
+def sparse_position_nbytes(size, kept):
+    """Bytes that say which ``kept`` of ``size`` coordinates a sparse tensor carries: a bitmap
+    (one bit per coordinate) or int32 indices (4 bytes per kept value), whichever is smaller;
+    indices win only below a density of 1/32."""
+    return min(math.ceil(size / 8), 4 * kept)
 
 
 def package_specs(num_samples, num_classes, variable_shapes):
@@ -121,15 +139,18 @@ class JacobianPackage:
                                    labels=arrays[-1])
 
 
-def weights_messages(route, weights):
+def weights_messages(route, weights, masks=None):
     """One ``WeightsMessage`` per ``route[receiver, sender]``, carrying rows of ``weights``.
 
     Args:
         route: (K, K) boolean; entry (i, j) sends client j's row to client i.
         weights: list of NumPy ``[K, *shape]`` arrays.
+        masks: None (dense), or list of boolean ``[K, *shape]`` arrays: each sender sends
+            only its row's masked values (``WeightsMessage.mask``).
     """
     receivers, senders = np.nonzero(route)
-    return [WeightsMessage(int(j), int(i), tuple(w[j] for w in weights))
+    return [WeightsMessage(int(j), int(i), tuple(w[j] for w in weights), None,
+                           None if masks is None else tuple(m[j] for m in masks))
             for i, j in zip(receivers, senders)]
 
 
