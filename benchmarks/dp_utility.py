@@ -22,7 +22,6 @@ line:
 Noise ``-1``: no ``dp`` stage. Writes ``dp.csv`` into ``--out``.
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -130,10 +129,7 @@ def main(argv):
         rows.append(row)
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
-        with io.atomic_open(os.path.join(FLAGS.out, "dp.csv")) as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        io.write_csv(os.path.join(FLAGS.out, "dp.csv"), rows, rows[0])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 
 from ntkdfl_tf import compare
+from ntkdfl_tf.callbacks import read_history
 
 flags.DEFINE_list("runs", None, "compare.py logdirs to merge.", required=True)
 flags.DEFINE_string("out", None, "Where the merged summary and figures go.", required=True)
@@ -25,12 +26,6 @@ def _fmt(value, unit):
     return "—" if np.isnan(value) else f"{value:.2f}{unit}"
 
 
-def _history(path):
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows if r.get(k, "") != ""] for k in rows[0] if k != "round"}
-
-
 def main(argv):
     del argv
     rows, histories = [], {}
@@ -38,7 +33,7 @@ def main(argv):
         with open(os.path.join(logdir, "summary.csv")) as f:
             for row in csv.DictReader(f):
                 rows.append(row)
-                histories[row["run"]] = _history(os.path.join(logdir, row["run"], "history.csv"))
+                histories[row["run"]] = read_history(os.path.join(logdir, row["run"], "history.csv"))
     os.makedirs(FLAGS.out, exist_ok=True)
     compare.write_summary(os.path.join(FLAGS.out, "summary.csv"), rows)
     for row in rows:  # the sweep figures want numbers

@@ -9,7 +9,6 @@ for an alpha sweep; ``dropout.png`` (accuracy against client dropout) for a drop
 Every run shares the root seed, so data partition, topology stream and initial weights agree.
 """
 
-import csv
 import dataclasses
 import itertools
 import os
@@ -18,7 +17,7 @@ import time
 import numpy as np
 
 from ntkdfl_tf import data, experiment
-from ntkdfl_tf.io import atomic_open, save_figure
+from ntkdfl_tf.io import save_figure, write_csv
 
 SUMMARY_FIELDS = ("run", "algorithm", "partition", "alpha", "num_neighbors", "topology",
                   "dropout", "per_round_averaging", "codec", "weight_codec",
@@ -114,11 +113,7 @@ def write_summary(path, rows):
     Raises:
         ValueError: a row has a key outside ``SUMMARY_FIELDS``; the old file is kept.
     """
-
-    with atomic_open(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows, SUMMARY_FIELDS)
 
 
 def plot(logdir, histories, rows=()):

@@ -7,6 +7,7 @@ old file or the new one, never a truncated mix.
 """
 
 import contextlib
+import csv
 import os
 import secrets
 
@@ -101,3 +102,15 @@ def atomic_open(path, mode="w", suffix=".tmp", **kwargs):
         kwargs.setdefault("newline", "")
     with atomic_path(path, suffix) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def write_csv(path, rows, fields):
+    """Writes ``rows`` (dicts) under the header ``fields`` through ``atomic_open``.
+
+    Raises:
+        ValueError: a row has a key outside ``fields``; the old file is kept.
+    """
+    with atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -24,7 +24,8 @@ import typing
 import numpy as np
 
 from ntkdfl_tf import data, experiment
-from ntkdfl_tf.io import atomic_open, save_figure
+from ntkdfl_tf.callbacks.history_csv import read_history
+from ntkdfl_tf.io import atomic_open, save_figure, write_csv
 
 PARTS = ("no_attack", "attacks", "fractions", "seeds", "dpsgd")
 WEIGHT_DEFENCES = ("none", "median", "trimmed_mean", "clipping", "balance")
@@ -180,10 +181,7 @@ def read_rows(path):
 
 
 def write_rows(path, rows):
-    with atomic_open(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows, FIELDS)
 
 
 def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headline=None,
@@ -212,7 +210,7 @@ def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headli
         print(f"[{part} {i + 1}/{len(todo)}] {c.name}", flush=True)
         start = time.perf_counter()
         _, history = experiment.run(config(base, c, logdir), dataset=dataset)
-        history = history.history or _history_csv(os.path.join(logdir, c.name, "history.csv"))
+        history = history.history or read_history(os.path.join(logdir, c.name, "history.csv"))
         rows = [r for r in read_rows(matrix_csv) if r["cell"] != c.name]
         rows.append(summarise(c, part, history, time.perf_counter() - start))
         write_rows(matrix_csv, rows)
@@ -244,12 +242,6 @@ def table(rows):
             out.append(f"| {attack} {params} | " + " | ".join(values) + " |")
         out.append("")
     return "\n".join(out)
-
-
-def _history_csv(path):
-    """A finished run's history from its history.csv (a resumed run that had nothing to do)."""
-    rows = read_rows(path)
-    return {k: [float(r[k]) for r in rows if r[k] != ""] for k in (rows[0] if rows else {})}
 
 
 def heatmap(rows, path):

@@ -333,3 +333,13 @@ def test_a_part_runs_its_cells_resumes_and_writes_its_table(tmp_path, monkeypatc
     monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("ran a finished cell"))
     again = robustness.run_part(base, "no_attack", ("dfedavg",), only="_median_")
     assert [r["cell"] for r in again] == [r["cell"] for r in rows]
+
+
+def test_read_history_is_what_history_csv_wrote(tmp_path):
+    path = str(tmp_path / "history.csv")
+    writer = nd.callbacks.HistoryCSV(path)
+    writer.on_train_begin()
+    for epoch, logs in enumerate([{"val_accuracy": 0.5, "loss": 2.0}, {"val_accuracy": 0.75}]):
+        writer.on_epoch_begin(epoch)
+        writer.on_epoch_end(epoch, logs)
+    assert nd.callbacks.read_history(path) == {"loss": [2.0], "val_accuracy": [0.5, 0.75]}

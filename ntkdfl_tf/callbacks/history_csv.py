@@ -8,6 +8,14 @@ import keras
 from ntkdfl_tf.io import atomic_open
 
 
+def read_history(path):
+    """A ``HistoryCSV`` file as ``{log key: [value per round]}`` (what ``History`` holds)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows if r.get(k, "") != ""]
+            for k in (rows[0] if rows else {}) if k != "round"}
+
+
 class HistoryCSV(keras.callbacks.Callback):
     """Keeps ``path`` equal to the history so far (columns ``round`` then the sorted log keys).
 
