@@ -114,3 +114,11 @@ def write_csv(path, rows, fields):
         writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_csv(path):
+    """A CSV file with a header as a list of dicts; [] when the file does not exist yet."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -15,7 +15,6 @@ cells are skipped, an unfinished one continues from its checkpoint. Parts:
 - ``dpsgd``: D-PSGD against its strongest weight attack (DFedAvg's), undefended and defended.
 """
 
-import csv
 import dataclasses
 import os
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 from ntkdfl_tf import data, experiment
 from ntkdfl_tf.callbacks.history_csv import read_history
-from ntkdfl_tf.io import atomic_open, save_figure, write_csv
+from ntkdfl_tf.io import atomic_open, read_csv, save_figure, write_csv
 
 PARTS = ("no_attack", "attacks", "fractions", "seeds", "dpsgd")
 WEIGHT_DEFENCES = ("none", "median", "trimmed_mean", "clipping", "balance")
@@ -173,13 +172,6 @@ def summarise(cell, part, history, seconds):
             "bytes_sent": float(np.sum(h["bytes_sent"])), "wall_seconds": round(seconds, 1)}
 
 
-def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def write_rows(path, rows):
     write_csv(path, rows, FIELDS)
 
@@ -196,7 +188,7 @@ def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headli
     """
     logdir = base.logdir
     matrix_csv = os.path.join(logdir, "matrix.csv")
-    rows = read_rows(matrix_csv)
+    rows = read_csv(matrix_csv)
     headline = headline or headline_from(rows)
     todo = [c for c in cells(part, algorithms, fraction, headline)
             if only is None or only in c.name]
@@ -211,7 +203,7 @@ def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headli
         start = time.perf_counter()
         _, history = experiment.run(config(base, c, logdir), dataset=dataset)
         history = history.history or read_history(os.path.join(logdir, c.name, "history.csv"))
-        rows = [r for r in read_rows(matrix_csv) if r["cell"] != c.name]
+        rows = [r for r in read_csv(matrix_csv) if r["cell"] != c.name]
         rows.append(summarise(c, part, history, time.perf_counter() - start))
         write_rows(matrix_csv, rows)
     heatmap(rows, os.path.join(logdir, "heatmap.png"))

@@ -1,0 +1,401 @@
+"""The paper's table at the paper's scale, in parts that resume.
+
+Every run is 300 clients of ~200 samples (``experiment.PRESETS["paper_fast"]``: Jacobian batching
+m = 6, XLA-compiled groups of 30 clients, the default flow), trained until the aggregate reaches
+85% test accuracy or a round cap (NTK-DFL 40, baselines 250). Parts (``PARTS``):
+
+- ``a0.1_s0``, ``a0.1_s1``, ``a0.1_s2``: alpha = 0.1, seeds 0, 1, 2; every algorithm
+  (``ALGORITHMS``: NTK-DFL with the tau grid and with tau = 100, DFedAvg, DFedAvgM, D-PSGD,
+  DFedSAM, DisPFL);
+- ``a0.5``, ``iid``: the same algorithms at alpha = 0.5 and on an IID split, seed 0;
+- ``kappa``: kappa = 2 and 10 at alpha = 0.1 (kappa = 5 is ``a0.1_s0``), NTK-DFL (tau grid)
+  and DFedAvg;
+- ``ablations``: a static ring against the redrawn graph (NTK-DFL and DFedAvg), and NTK-DFL
+  without per-round averaging, at alpha = 0.1.
+
+``QUICK`` is the subset of ``a0.1_s0`` that fits in half an hour here (the two NTK-DFL variants
+and DFedAvg); it leaves out the other baselines, seeds, alphas, kappas and ablations.
+
+``run_part`` trains each run into ``<logdir>/<run>/`` (checkpoints, history, TensorBoard) and,
+as each finishes, appends its summary to ``<results>/runs.csv``, copies its history to
+``<results>/histories/<run>.csv`` and rewrites ``<results>/tables.md`` and the figures, so a
+part's results can be committed as they arrive. A killed part resumes: finished runs are
+skipped (they are in runs.csv), an unfinished one continues from its checkpoint.
+"""
+
+import dataclasses
+import os
+import shutil
+import statistics
+import time
+import typing
+
+import numpy as np
+
+from ntkdfl_tf import data, experiment
+from ntkdfl_tf.callbacks.history_csv import read_history
+from ntkdfl_tf.io import atomic_open, read_csv, save_figure, write_csv
+
+TARGET = 0.85
+ROUND_CAPS = {"ntk_dfl": 40}
+BASELINE_ROUND_CAP = 250
+CHECKPOINT_ROUNDS = (1, 5, 10, 20)
+
+# (run label, algorithm, Config overrides): the algorithms of a full setting.
+ALGORITHMS = (("ntk_dfl_grid", "ntk_dfl", {}),
+              ("ntk_dfl_tau100", "ntk_dfl", {"taus": (100,)}),
+              ("dfedavg", "dfedavg", {}), ("dfedavgm", "dfedavgm", {}),
+              ("dpsgd", "dpsgd", {}), ("dfedsam", "dfedsam", {}), ("dispfl", "dispfl", {}))
+PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations")
+QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
+
+# The paper's rounds to 85% (Fashion-MNIST, 300 clients, kappa = 5); None: not reported.
+# ">200" is DisPFL's entry at alpha = 0.1.
+PAPER_ROUNDS = {("0.1", "ntk_dfl_grid"): "18", ("0.1", "dfedavg"): "83",
+                ("0.1", "dfedavgm"): "86", ("0.1", "dpsgd"): "125", ("0.1", "dispfl"): ">200",
+                ("0.5", "ntk_dfl_grid"): "17", ("0.5", "dfedavg"): "31",
+                ("iid", "ntk_dfl_grid"): "12", ("iid", "dfedavg"): "18"}
+
+FIELDS = ("run", "part", "label", "algorithm", "alpha", "num_neighbors", "topology",
+          "per_round_averaging", "seed", "rounds", "round_cap", "rounds_to_target",
+          "train_seconds_to_target", "bytes_to_target",
+          *(f"accuracy_r{r}" for r in CHECKPOINT_ROUNDS), "final_accuracy",
+          "final_client_mean_accuracy", "final_client_local_accuracy", "aggregate_gain",
+          "median_round_seconds", "train_seconds", "wall_seconds")
+
+
+class Run(typing.NamedTuple):
+    """One training run of the reproduction.
+
+    Attributes:
+        part: the part it belongs to (``PARTS``).
+        label: the algorithm variant (``ALGORITHMS``' first column).
+        config: its full ``experiment.Config`` (logdir and save_dir included).
+    """
+
+    part: str
+    label: str
+    config: experiment.Config
+
+    @property
+    def name(self):
+        return run_name(self.label, self.config)
+
+
+def run_name(label, cfg):
+    """``<label>_a<alpha|iid>_k<kappa>[_ring][_noavg]_s<seed>``, unique across parts."""
+    alpha = "iid" if cfg.partition == "iid" else f"{cfg.alpha:g}"
+    name = f"{label}_a{alpha}_k{cfg.num_neighbors}"
+    if cfg.topology != "random":
+        name += f"_{cfg.topology}"
+    if not cfg.per_round_averaging:
+        name += "_noavg"
+    return f"{name}_s{cfg.seed}"
+
+
+def _setting(part, base, logdir, max_rounds, labels=None, **overrides):
+    out = []
+    for label, algorithm, extra in ALGORITHMS:
+        if labels is not None and label not in labels:
+            continue
+        cfg = dataclasses.replace(base, algorithm=algorithm, **overrides, **extra)
+        cfg = dataclasses.replace(
+            cfg, rounds=min(ROUND_CAPS.get(algorithm, BASELINE_ROUND_CAP), max_rounds),
+            stop_at_accuracy=TARGET,
+            logdir=os.path.join(logdir, run_name(label, cfg)),
+            save_dir=os.path.join(logdir, run_name(label, cfg)), run_name="model")
+        out.append(Run(part, label, cfg))
+    return out
+
+
+def _part_runs(part, base, logdir, max_rounds):
+    if part in ("a0.1_s0", "a0.1_s1", "a0.1_s2"):
+        return _setting(part, base, logdir, max_rounds, alpha=0.1, seed=int(part[-1]))
+    if part == "a0.5":
+        return _setting(part, base, logdir, max_rounds, alpha=0.5, seed=0)
+    if part == "iid":
+        return _setting(part, base, logdir, max_rounds, partition="iid", seed=0)
+    pair = ("ntk_dfl_grid", "dfedavg")
+    if part == "kappa":
+        return [r for k in (2, 10) for r in _setting(part, base, logdir, max_rounds, pair,
+                                                     alpha=0.1, seed=0, num_neighbors=k)]
+    # ablations
+    return (_setting(part, base, logdir, max_rounds, pair, alpha=0.1, seed=0,
+                     topology="ring") +
+            _setting(part, base, logdir, max_rounds, ("ntk_dfl_grid",), alpha=0.1, seed=0,
+                     per_round_averaging=False))
+
+
+def base_config(**overrides):
+    """The Config every run starts from: the ``paper_fast`` preset (300 clients, kappa = 5,
+    ~200 samples per client, m = 6), quiet progress bars; ``overrides`` replace fields (for
+    example ``num_clients`` for a small check, or ``data_dir``)."""
+    values = {**experiment.PRESETS["paper_fast"], "verbose": 2, **overrides}
+    values.pop("logdir", None)
+    return experiment.Config(**values)
+
+
+def runs(parts, base, logdir, quick=False, max_rounds=None):
+    """The runs of ``parts`` (names from ``PARTS``; ``quick``: only ``QUICK``'s runs).
+
+    Args:
+        max_rounds: a lower round cap for every run (a smoke test; not the reproduction).
+
+    Raises:
+        ValueError: an unknown part, or ``quick`` with parts that hold none of ``QUICK``.
+    """
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)} (or "
+                             f"--quick for the half-hour subset).")
+    if max_rounds is not None and max_rounds < 1:
+        raise ValueError(f"max_rounds={max_rounds!r} must be >= 1 (or None for the caps "
+                         f"{ROUND_CAPS} and {BASELINE_ROUND_CAP}).")
+    cap = max_rounds or BASELINE_ROUND_CAP
+    out = [r for part in parts for r in _part_runs(part, base, logdir, cap)]
+    if quick:
+        out = [r for r in out if r.name in QUICK]
+        if not out:
+            raise ValueError(f"--quick runs {', '.join(QUICK)}, all in part a0.1_s0; drop "
+                             f"--part or include a0.1_s0.")
+    return out
+
+
+def summarise(run, history, wall_seconds):
+    """One row of runs.csv (``FIELDS``) from a run's full history (``read_history``)."""
+    cfg = run.config
+    acc = np.asarray(history["val_accuracy"])
+    seconds = np.asarray(history["round_seconds"])
+    hit = np.flatnonzero(acc >= TARGET)
+    reached = int(hit[0]) if hit.size else None
+    last = {k: v[-1] for k, v in history.items() if v}
+    row = {"run": run.name, "part": run.part, "label": run.label, "algorithm": cfg.algorithm,
+           "alpha": "iid" if cfg.partition == "iid" else cfg.alpha,
+           "num_neighbors": cfg.num_neighbors, "topology": cfg.topology,
+           "per_round_averaging": int(cfg.per_round_averaging), "seed": cfg.seed,
+           "rounds": len(acc), "round_cap": cfg.rounds,
+           "rounds_to_target": "" if reached is None else reached + 1,
+           "train_seconds_to_target": "" if reached is None else
+           round(float(seconds[:reached + 1].sum()), 1),
+           "bytes_to_target": "" if reached is None else
+           float(np.sum(history["bytes_sent"][:reached + 1])),
+           "final_accuracy": float(acc[-1]),
+           "final_client_mean_accuracy": last.get("val_client_mean_accuracy", ""),
+           "final_client_local_accuracy": last.get("val_client_local_accuracy", ""),
+           "aggregate_gain": float(acc[-1]) - last["val_client_mean_accuracy"]
+           if "val_client_mean_accuracy" in last else "",
+           "median_round_seconds": round(float(np.median(seconds)), 2),
+           "train_seconds": round(float(seconds.sum()), 1),
+           "wall_seconds": round(wall_seconds, 1)}
+    for r in CHECKPOINT_ROUNDS:
+        row[f"accuracy_r{r}"] = float(acc[r - 1]) if len(acc) >= r else ""
+    return row
+
+
+def run_part(todo, results, dataset=None, progress=print):
+    """Trains every run of ``todo`` not yet in ``<results>/runs.csv``; returns all rows.
+
+    Args:
+        todo: ``Run``s (``runs``).
+        results: the folder of runs.csv, histories/, tables.md and the figures.
+        dataset: ``data.load``'s result, or None to load ``todo``'s dataset once.
+        progress: called with one line per run started (runs done / to do).
+    """
+    for r in todo:  # every configuration checked before the first (long) run starts
+        experiment.validate(r.config)
+    runs_csv = os.path.join(results, "runs.csv")
+    os.makedirs(os.path.join(results, "histories"), exist_ok=True)
+    done = {row["run"] for row in read_csv(runs_csv)}
+    left = [r for r in todo if r.name not in done]
+    if left and dataset is None:
+        dataset = data.load(left[0].config.dataset, data_dir=left[0].config.data_dir)
+    for i, r in enumerate(left):
+        progress(f"[reproduce {len(todo) - len(left) + i + 1}/{len(todo)}] {r.name} "
+                 f"(part {r.part}, to {TARGET:.0%} or round {r.config.rounds})")
+        start = time.perf_counter()
+        experiment.run(r.config, dataset=dataset)
+        history_csv = os.path.join(r.config.logdir, "history.csv")
+        row = summarise(r, read_history(history_csv), time.perf_counter() - start)
+        shutil.copyfile(history_csv, os.path.join(results, "histories", f"{r.name}.csv"))
+        rows = [x for x in read_csv(runs_csv) if x["run"] != r.name] + [row]
+        write_csv(runs_csv, rows, FIELDS)
+        write_outputs(results, rows)
+    rows = read_csv(runs_csv)
+    write_outputs(results, rows)
+    return rows
+
+
+def _fmt_rounds(rows):
+    """Rounds to 85% over seeds: ``n`` (one seed), ``mean ± sd`` or ``> cap``."""
+    if not rows:
+        return "—"
+    got = [int(r["rounds_to_target"]) for r in rows if r["rounds_to_target"] != ""]
+    if len(got) < len(rows):
+        missing = len(rows) - len(got)
+        cap = max(int(r["round_cap"]) for r in rows)
+        if not got:
+            return f"> {cap}"
+        return f"{_mean_sd(got)} ({missing} of {len(rows)} seeds > {cap})"
+    return _mean_sd(got)
+
+
+def _mean_sd(values):
+    if len(values) == 1:
+        return str(values[0])
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _median(rows, key, fmt):
+    values = [float(r[key]) for r in rows if r.get(key, "") != ""]
+    return fmt(statistics.median(values)) if values else "—"
+
+
+def _gb(value):
+    return f"{value / 1e9:.1f}"
+
+
+def _acc(value):
+    return f"{value:.3f}"
+
+
+def _setting_table(rows, alpha, paper=True):
+    """One markdown table: a row per algorithm variant of the setting's rows."""
+    head = ("| algorithm | rounds to 85% | paper | accuracy r1 / r5 / r10 / r20 | train s to 85% "
+            "| GB to 85% | s / round | aggregate − mean client | client on own test dist. | "
+            "seeds |")
+    out = [head, "|---|" + "---|" * (head.count("|") - 2)]
+    for label, _, _ in ALGORITHMS:
+        mine = [r for r in rows if r["label"] == label]
+        if not mine:
+            continue
+        accs = " / ".join(_median(mine, f"accuracy_r{k}", _acc) for k in CHECKPOINT_ROUNDS)
+        out.append(
+            f"| {label} | {_fmt_rounds(mine)} | {PAPER_ROUNDS.get((alpha, label), '—')} | "
+            f"{accs} | {_median(mine, 'train_seconds_to_target', lambda v: f'{v:.0f}')} | "
+            f"{_median(mine, 'bytes_to_target', _gb)} | "
+            f"{_median(mine, 'median_round_seconds', lambda v: f'{v:.1f}')} | "
+            f"{_median(mine, 'aggregate_gain', lambda v: f'{v:+.3f}')} | "
+            f"{_median(mine, 'final_client_local_accuracy', _acc)} | "
+            f"{', '.join(sorted(r['seed'] for r in mine))} |")
+    return out
+
+
+def _ratio(rows, alpha):
+    """DFedAvg / NTK-DFL (tau grid) in rounds to 85%, seed by seed's mean."""
+    def mean_rounds(label):
+        got = [int(r["rounds_to_target"]) for r in rows
+               if r["label"] == label and r["rounds_to_target"] != ""]
+        return statistics.mean(got) if got else None
+    ntk, dfedavg = mean_rounds("ntk_dfl_grid"), mean_rounds("dfedavg")
+    if not ntk or not dfedavg:
+        return None
+    paper = {"0.1": 83 / 18, "0.5": 31 / 17, "iid": 18 / 12}[alpha]
+    return (f"DFedAvg / NTK-DFL (τ grid), rounds to 85%: **{dfedavg / ntk:.1f}x** "
+            f"(paper: {paper:.1f}x).")
+
+
+def tables(rows):
+    """tables.md: one table per alpha, then the kappa sweep and the ablations."""
+    out = []
+    main = [r for r in rows if r["num_neighbors"] == "5" and r["topology"] == "random" and
+            r["per_round_averaging"] == "1"]
+    for alpha, title in (("0.1", "α = 0.1 (seeds 0, 1, 2)"), ("0.5", "α = 0.5 (seed 0)"),
+                         ("iid", "IID (seed 0)")):
+        mine = [r for r in main if _alpha_key(r["alpha"]) == alpha]
+        if not mine:
+            continue
+        out += [f"#### {title}", ""] + _setting_table(mine, alpha)
+        ratio = _ratio(mine, alpha)
+        out += ["", ratio, ""] if ratio else [""]
+    sweep = [r for r in rows if _alpha_key(r["alpha"]) == "0.1" and r["seed"] == "0" and
+             r["topology"] == "random" and r["per_round_averaging"] == "1" and
+             r["label"] in ("ntk_dfl_grid", "dfedavg")]
+    if any(r["num_neighbors"] != "5" for r in sweep):
+        out += ["#### κ at α = 0.1 (seed 0)", "",
+                "| κ | algorithm | rounds to 85% | accuracy r1 / r5 / r10 | s / round |",
+                "|---|---|---|---|---|"]
+        for r in sorted(sweep, key=lambda r: (int(r["num_neighbors"]), r["label"])):
+            out.append(f"| {r['num_neighbors']} | {r['label']} | {_fmt_rounds([r])} | " +
+                       " / ".join(_median([r], f"accuracy_r{k}", _acc) for k in (1, 5, 10)) +
+                       f" | {float(r['median_round_seconds']):.1f} |")
+        out.append("")
+    abl = [r for r in rows if r["topology"] != "random" or r["per_round_averaging"] == "0"]
+    if abl:
+        out += ["#### Ablations at α = 0.1 (seed 0)", "",
+                "| run | rounds to 85% | accuracy r1 / r5 / r10 / r20 | final accuracy |",
+                "|---|---|---|---|"]
+        for r in abl:
+            out.append(f"| {r['run']} | {_fmt_rounds([r])} | " +
+                       " / ".join(_median([r], f"accuracy_r{k}", _acc)
+                                  for k in CHECKPOINT_ROUNDS) +
+                       f" | {float(r['final_accuracy']):.3f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _alpha_key(value):
+    return "iid" if value == "iid" else f"{float(value):g}"
+
+
+def write_outputs(results, rows):
+    """tables.md and the accuracy figures (one per alpha) under ``results``."""
+    with atomic_open(os.path.join(results, "tables.md"), "w") as f:
+        f.write(tables(rows))
+    plot(results, rows)
+
+
+def plot(results, rows):
+    """``accuracy_a<alpha>.png``: aggregate accuracy per round of every seed-0, kappa-5 run of
+    each alpha; returns the paths ([] without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for alpha in ("0.1", "0.5", "iid"):
+        mine = [r for r in rows if _alpha_key(r["alpha"]) == alpha and r["seed"] == "0" and
+                r["num_neighbors"] == "5" and r["topology"] == "random" and
+                r["per_round_averaging"] == "1"]
+        if not mine:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in mine:
+            acc = read_history(os.path.join(results, "histories", f"{r['run']}.csv"))[
+                "val_accuracy"]
+            ax.plot(np.arange(1, len(acc) + 1), acc, label=r["label"])
+        ax.axhline(TARGET, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("communication round")
+        ax.set_ylabel("aggregated model test accuracy")
+        ax.set_title(f"300 clients, κ = 5, {'IID' if alpha == 'iid' else f'α = {alpha}'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(results, f"accuracy_a{alpha}.png")
+        save_figure(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+BEGIN, END = "<!-- reproduce:begin (generated by launchers/reproduce.py) -->", \
+    "<!-- reproduce:end -->"
+
+
+def update_markdown(path, text):
+    """Replaces what lies between ``BEGIN`` and ``END`` in ``path`` with ``text``.
+
+    Raises:
+        ValueError: the file lacks the two markers (add them where the tables belong).
+    """
+    with open(path) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc or doc.index(BEGIN) > doc.index(END):
+        raise ValueError(f"{path} has no '{BEGIN}' ... '{END}' block; add the two lines where "
+                         f"the generated tables belong.")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with atomic_open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")

@@ -1,0 +1,130 @@
+"""The reproduction command: its plan, its summaries, resuming, and the generated tables."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ntkdfl_tf import experiment, reproduce
+from ntkdfl_tf.io import read_csv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_covers_the_issue_table(tmp_path):
+    base = reproduce.base_config()
+    assert (base.num_clients, base.num_neighbors, base.samples_per_client) == (300, 5, 200)
+    todo = reproduce.runs(reproduce.PARTS, base, str(tmp_path))
+    names = [r.name for r in todo]
+    assert len(names) == len(set(names))  # every run has a folder of its own
+    # 3 seeds at alpha 0.1 + alpha 0.5 + IID, each with all 7 variants; kappa 2 and 10 for two
+    # algorithms; ring for two, no averaging for one.
+    assert len(todo) == 5 * 7 + 2 * 2 + 3
+    algorithms = {r.config.algorithm for r in todo}
+    assert algorithms == {"ntk_dfl", "dfedavg", "dfedavgm", "dpsgd", "dfedsam", "dispfl"}
+    for r in todo:
+        assert r.config.stop_at_accuracy == 0.85
+        assert r.config.rounds == (40 if r.config.algorithm == "ntk_dfl" else 250)
+        assert r.config.logdir == os.path.join(str(tmp_path), r.name)
+    tau100 = [r for r in todo if r.label == "ntk_dfl_tau100"]
+    assert {r.config.taus for r in tau100} == {(100,)}
+    iid = [r for r in todo if r.part == "iid"]
+    assert {r.config.partition for r in iid} == {"iid"}
+    assert sorted(r.config.seed for r in todo if r.label == "dfedavg" and r.part[:4] == "a0.1"
+                  ) == [0, 1, 2]
+
+
+def test_quick_and_bad_arguments(tmp_path, one_line_error):
+    base = reproduce.base_config()
+    quick = reproduce.runs(reproduce.PARTS, base, str(tmp_path), quick=True)
+    assert tuple(r.name for r in quick) == reproduce.QUICK
+    capped = reproduce.runs(["a0.5"], base, str(tmp_path), max_rounds=3)
+    assert {r.config.rounds for r in capped} == {3}
+    one_line_error(reproduce.runs, ["a0.2"], base, "x", names=("a0.2", "a0.1_s0"))
+    one_line_error(reproduce.runs, ["iid"], base, "x", True, names=("--quick", "a0.1_s0"))
+    one_line_error(reproduce.runs, ["iid"], base, "x", False, 0, names=("max_rounds=0",))
+
+
+def _run(label="dfedavg", **overrides):
+    cfg = experiment.Config(**{"algorithm": "dfedavg", "seed": 1, **overrides})
+    return reproduce.Run("a0.1_s1", label, cfg)
+
+
+def test_summary_against_a_hand_count():
+    history = {"val_accuracy": [0.5, 0.84, 0.86, 0.9], "round_seconds": [2.0, 3.0, 4.0, 5.0],
+               "bytes_sent": [10.0, 20.0, 30.0, 40.0],
+               "val_client_mean_accuracy": [0.4, 0.7, 0.75, 0.8],
+               "val_client_local_accuracy": [0.6, 0.8, 0.85, 0.95]}
+    row = reproduce.summarise(_run(), history, wall_seconds=99.0)
+    assert row["rounds_to_target"] == 3          # the first round at or above 0.85
+    assert row["train_seconds_to_target"] == 9.0  # 2 + 3 + 4
+    assert row["bytes_to_target"] == 60.0
+    assert row["accuracy_r1"] == 0.5 and row["accuracy_r5"] == ""
+    assert row["aggregate_gain"] == pytest.approx(0.1)
+    assert row["final_client_local_accuracy"] == 0.95
+    assert row["median_round_seconds"] == 3.5
+    missed = reproduce.summarise(_run(), {**history, "val_accuracy": [0.5, 0.6, 0.7, 0.8]}, 1.0)
+    assert missed["rounds_to_target"] == "" and missed["bytes_to_target"] == ""
+
+
+def _row(label, seed, rounds, cap=250, alpha="0.1"):
+    return {"run": f"{label}_{seed}", "label": label, "alpha": alpha, "seed": str(seed),
+            "num_neighbors": "5", "topology": "random", "per_round_averaging": "1",
+            "rounds_to_target": "" if rounds is None else str(rounds), "round_cap": str(cap)}
+
+
+def test_tables_aggregate_seeds():
+    rows = [_row("ntk_dfl_grid", s, r, 40) for s, r in ((0, 8), (1, 10), (2, 12))]
+    rows += [_row("dfedavg", s, r) for s, r in ((0, 60), (1, 70), (2, 80))]
+    rows += [_row("dispfl", 0, None)]
+    text = reproduce.tables(rows)
+    assert "| ntk_dfl_grid | 10.0 ± 2.0 | 18 |" in text  # mean and sd of 8, 10, 12
+    assert "| dfedavg | 70.0 ± 10.0 | 83 |" in text
+    assert "| dispfl | > 250 | >200 |" in text
+    assert "**7.0x** (paper: 4.6x)" in text           # 70 / 10 and 83 / 18
+    partial = reproduce.tables([_row("dfedavg", 0, 60), _row("dfedavg", 1, None)])
+    assert "60 (1 of 2 seeds > 250)" in partial
+
+
+def test_update_markdown(tmp_path, one_line_error):
+    path = tmp_path / "R.md"
+    path.write_text(f"# R\nintro\n{reproduce.BEGIN}\nold\n{reproduce.END}\nafter\n")
+    reproduce.update_markdown(str(path), "new table\n")
+    assert path.read_text() == f"# R\nintro\n{reproduce.BEGIN}\nnew table\n{reproduce.END}\nafter\n"
+    (tmp_path / "bare.md").write_text("# nothing\n")
+    one_line_error(reproduce.update_markdown, str(tmp_path / "bare.md"), "x",
+                   names=("bare.md", "reproduce:begin"))
+
+
+def test_run_part_trains_then_resumes_without_retraining(tmp_path, fashion, monkeypatch):
+    base = reproduce.base_config(num_clients=6, samples_per_client=40, jit_compile=False,
+                                 client_batch=1, jacobian_batches=1, verbose=0)
+    todo = [r for r in reproduce.runs(["kappa"], base, str(tmp_path / "logs"), max_rounds=2)
+            if r.label == "dfedavg" and r.config.num_neighbors == 2]
+    results = str(tmp_path / "results")
+    lines = []
+    rows = reproduce.run_part(todo, results, dataset=fashion, progress=lines.append)
+    assert len(rows) == 1 and rows[0]["run"] == todo[0].name
+    assert lines == [f"[reproduce 1/1] {todo[0].name} (part kappa, to 85% or round 2)"]
+    history = read_csv(os.path.join(results, "histories", f"{todo[0].name}.csv"))
+    assert len(history) == int(rows[0]["rounds"]) == 2
+    assert float(rows[0]["accuracy_r1"]) == pytest.approx(float(history[0]["val_accuracy"]))
+    assert "κ at α = 0.1" in open(os.path.join(results, "tables.md")).read()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(reproduce.experiment, "run", fail)
+    assert reproduce.run_part(todo, results, dataset=fashion, progress=lines.append) == rows
+    assert len(lines) == 1
+
+
+def test_launcher_refuses_a_capped_run_into_the_results(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launchers", "reproduce.py"), "--max_rounds=2",
+         f"--logdir={tmp_path}"], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --max_rounds=2") and "--results_dir" in last
+    assert not os.path.exists(tmp_path / "docs")
