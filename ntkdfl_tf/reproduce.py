@@ -45,7 +45,7 @@ CHECKPOINT_ROUNDS = (1, 5, 10, 20)
 ALGORITHMS = (("ntk_dfl_grid", "ntk_dfl", {}),
               ("ntk_dfl_tau100", "ntk_dfl", {"taus": (100,)}),
               ("dfedavg", "dfedavg", {}), ("dfedavgm", "dfedavgm", {}),
-              ("dpsgd", "dpsgd", {}), ("dfedsam", "dfedsam", {}), ("dispfl", "dispfl", {}))
+              ("dpsgd", "dpsgd", {}), ("dispfl", "dispfl", {}), ("dfedsam", "dfedsam", {}))
 PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations")
 QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
 
