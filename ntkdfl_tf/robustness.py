@@ -28,7 +28,7 @@ from ntkdfl_tf.io import atomic_open, read_csv, save_figure, write_csv
 
 PARTS = ("no_attack", "attacks", "fractions", "seeds", "dpsgd")
 WEIGHT_DEFENCES = ("none", "median", "trimmed_mean", "clipping", "balance")
-NTK_DEFENCES = WEIGHT_DEFENCES + ("screen", "clipping+screen")
+NTK_DEFENCES = WEIGHT_DEFENCES + ("screen", "clipping+screen", "balance+screen")
 WEIGHT_ATTACKS = (("sign_flip", ""), ("gaussian", ""), ("scaling", ""), ("alie", ""),
                   ("ipm", "epsilon=0.1"), ("ipm", "epsilon=100"), ("dissensus", ""),
                   ("adaptive", ""))

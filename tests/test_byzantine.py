@@ -289,7 +289,7 @@ def test_the_matrix_parts_are_complete():
     cells = robustness.cells("attacks")
     ntk = [c for c in cells if c.algorithm == "ntk_dfl"]
     dfedavg = [c for c in cells if c.algorithm == "dfedavg"]
-    assert len(ntk) == (len(robustness.WEIGHT_ATTACKS) + len(robustness.PACKAGE_ATTACKS)) * 7
+    assert len(ntk) == (len(robustness.WEIGHT_ATTACKS) + len(robustness.PACKAGE_ATTACKS)) * 8
     assert len(dfedavg) == len(robustness.WEIGHT_ATTACKS) * 5
     assert len({c.name for c in cells}) == len(cells)
     with pytest.raises(ValueError, match="attacks' part first"):
