@@ -11,7 +11,9 @@ m = 6, XLA-compiled groups of 30 clients, the default flow), trained until the a
 - ``kappa``: kappa = 2 and 10 at alpha = 0.1 (kappa = 5 is ``a0.1_s0``), NTK-DFL (tau grid)
   and DFedAvg;
 - ``ablations``: a static ring against the redrawn graph (NTK-DFL and DFedAvg), and NTK-DFL
-  without per-round averaging, at alpha = 0.1.
+  without per-round averaging, at alpha = 0.1;
+- ``flows``: NTK-DFL (tau grid) at alpha = 0.1, seed 0, with the exact flow and with the
+  earlier default, adaptive Euler (the default flow, dopri5, is ``a0.1_s0``'s run).
 
 ``QUICK`` is the subset of ``a0.1_s0`` that fits in half an hour here (the two NTK-DFL variants
 and DFedAvg); it leaves out the other baselines, seeds, alphas, kappas and ablations.
@@ -46,7 +48,10 @@ ALGORITHMS = (("ntk_dfl_grid", "ntk_dfl", {}),
               ("ntk_dfl_tau100", "ntk_dfl", {"taus": (100,)}),
               ("dfedavg", "dfedavg", {}), ("dfedavgm", "dfedavgm", {}),
               ("dpsgd", "dpsgd", {}), ("dispfl", "dispfl", {}), ("dfedsam", "dfedsam", {}))
-PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations")
+# The flow part's variants of the tau-grid run.
+FLOWS = (("ntk_dfl_grid_exact", "ntk_dfl", {"flow": "exact"}),
+         ("ntk_dfl_grid_euler", "ntk_dfl", {"flow": "euler_adaptive"}))
+PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations", "flows")
 QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
 
 # The paper's rounds to 85% (Fashion-MNIST, 300 clients, kappa = 5); None: not reported.
@@ -93,9 +98,9 @@ def run_name(label, cfg):
     return f"{name}_s{cfg.seed}"
 
 
-def _setting(part, base, logdir, max_rounds, labels=None, **overrides):
+def _setting(part, base, logdir, max_rounds, labels=None, variants=ALGORITHMS, **overrides):
     out = []
-    for label, algorithm, extra in ALGORITHMS:
+    for label, algorithm, extra in variants:
         if labels is not None and label not in labels:
             continue
         cfg = dataclasses.replace(base, algorithm=algorithm, **overrides, **extra)
@@ -119,6 +124,8 @@ def _part_runs(part, base, logdir, max_rounds):
     if part == "kappa":
         return [r for k in (2, 10) for r in _setting(part, base, logdir, max_rounds, pair,
                                                      alpha=0.1, seed=0, num_neighbors=k)]
+    if part == "flows":
+        return _setting(part, base, logdir, max_rounds, variants=FLOWS, alpha=0.1, seed=0)
     # ablations
     return (_setting(part, base, logdir, max_rounds, pair, alpha=0.1, seed=0,
                      topology="ring") +
@@ -316,6 +323,19 @@ def tables(rows):
                 "|---|---|---|---|---|"]
         for r in sorted(sweep, key=lambda r: (int(r["num_neighbors"]), r["label"])):
             out.append(f"| {r['num_neighbors']} | {r['label']} | {_fmt_rounds([r])} | " +
+                       " / ".join(_median([r], f"accuracy_r{k}", _acc) for k in (1, 5, 10)) +
+                       f" | {float(r['median_round_seconds']):.1f} |")
+        out.append("")
+    flows = [r for r in main if _alpha_key(r["alpha"]) == "0.1" and r["seed"] == "0" and
+             r["label"] in ("ntk_dfl_grid",) + tuple(label for label, _, _ in FLOWS)]
+    if any(r["label"] != "ntk_dfl_grid" for r in flows):
+        out += ["#### The flow integrator (NTK-DFL, τ grid, α = 0.1, seed 0)", "",
+                "| run | flow | rounds to 85% | accuracy r1 / r5 / r10 | s / round |",
+                "|---|---|---|---|---|"]
+        for r in flows:
+            flow = dict((label, extra.get("flow")) for label, _, extra in FLOWS).get(
+                r["label"], "dopri5 (default)")
+            out.append(f"| {r['run']} | {flow} | {_fmt_rounds([r])} | " +
                        " / ".join(_median([r], f"accuracy_r{k}", _acc) for k in (1, 5, 10)) +
                        f" | {float(r['median_round_seconds']):.1f} |")
         out.append("")

@@ -20,8 +20,9 @@ def test_plan_covers_the_issue_table(tmp_path):
     names = [r.name for r in todo]
     assert len(names) == len(set(names))  # every run has a folder of its own
     # 3 seeds at alpha 0.1 + alpha 0.5 + IID, each with all 7 variants; kappa 2 and 10 for two
-    # algorithms; ring for two, no averaging for one.
-    assert len(todo) == 5 * 7 + 2 * 2 + 3
+    # algorithms; ring for two, no averaging for one; two more flows.
+    assert len(todo) == 5 * 7 + 2 * 2 + 3 + 2
+    assert {r.config.flow for r in todo if r.part == "flows"} == {"exact", "euler_adaptive"}
     algorithms = {r.config.algorithm for r in todo}
     assert algorithms == {"ntk_dfl", "dfedavg", "dfedavgm", "dpsgd", "dfedsam", "dispfl"}
     for r in todo:
@@ -84,6 +85,11 @@ def test_tables_aggregate_seeds():
     assert "| dfedavg | 70.0 ± 10.0 | 83 |" in text
     assert "| dispfl | > 250 | >200 |" in text
     assert "**7.0x** (paper: 4.6x)" in text           # 70 / 10 and 83 / 18
+    assert "The flow integrator" not in text
+    flows = [{**_row("ntk_dfl_grid_exact", 0, 9, 40), "median_round_seconds": "60",
+              **{f"accuracy_r{k}": "0.8" for k in (1, 5, 10)}}]
+    assert "| ntk_dfl_grid_exact_0 | exact | 9 | 0.800 / 0.800 / 0.800 | 60.0 |" in \
+        reproduce.tables(flows)
     partial = reproduce.tables([_row("dfedavg", 0, 60), _row("dfedavg", 1, None)])
     assert "60 (1 of 2 seeds > 250)" in partial
 
