@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from ntkdfl_tf import checkpoint, defences, executors, functional, protocol
 from ntkdfl_tf.algorithms import base
+from ntkdfl_tf.callbacks.round_progress import RoundProgress
 from ntkdfl_tf.data.client_data import ClientData
 from ntkdfl_tf.errors import CheckpointError, DivergenceError
 from ntkdfl_tf.faults import Faults
@@ -49,11 +50,27 @@ def client_weight_spread(weights):
                            for w in weights]).numpy() / int(weights[0].shape[0]))
 
 
+class _Steps:
+    """``progress(done)`` for a round: Keras' batch hooks for the client groups done so far."""
+
+    def __init__(self, cb_list, steps):
+        self.cb_list, self.steps, self.done = cb_list, steps, 0
+        cb_list.on_train_batch_begin(0)
+
+    def __call__(self, done):
+        for step in range(self.done, min(done, self.steps)):
+            self.cb_list.on_train_batch_end(step, {})
+            if step + 1 < self.steps:
+                self.cb_list.on_train_batch_begin(step + 1)
+        self.done = max(self.done, min(done, self.steps))
+
+
 class DecentralizedTrainer:
     """Trains one Keras architecture on many clients that talk over a graph, without a server.
 
     Client weights are stacked (one ``[K, *shape]`` tensor per trainable variable). ``fit`` runs
-    one communication round per Keras epoch, so stock ``keras.callbacks`` work unchanged; they
+    one communication round per Keras epoch (one step per client group), so stock
+    ``keras.callbacks`` work unchanged; they
     see ``trainer.model``, which holds the aggregated (client-averaged) weights after each round.
 
     Args:
@@ -176,7 +193,10 @@ class DecentralizedTrainer:
             validation_data: ``(x, y)`` test data for the aggregated model and every client.
             callbacks: ``keras.callbacks.Callback`` objects; project callbacks that define
                 ``set_trainer`` receive this trainer.
-            verbose: 0 silent, 1 a progress bar per round, 2 one line per round.
+            verbose: 0 silent; 1 a progress bar per round that advances with each client group
+                (``algorithm.steps_per_round``) and ends in a short line; 2 that line only, one
+                per round (``callbacks.RoundProgress``; a ``keras.callbacks.ProgbarLogger`` in
+                ``callbacks`` replaces it).
             initial_round: round to start from; by default where the last ``fit`` stopped.
 
         Returns:
@@ -208,9 +228,13 @@ class DecentralizedTrainer:
         for cb in callbacks or []:
             if hasattr(cb, "set_trainer"):
                 cb.set_trainer(self)
+        callbacks = list(callbacks or [])
+        if verbose and not any(isinstance(cb, keras.callbacks.ProgbarLogger) for cb in callbacks):
+            callbacks.append(RoundProgress())
+        steps = self.algorithm.steps_per_round(k)  # client groups: the bar's steps per round
         cb_list = keras.callbacks.CallbackList(
-            callbacks, add_history=True, add_progbar=verbose != 0, model=self.model,
-            verbose=verbose, epochs=rounds, steps=1)
+            callbacks, add_history=True, model=self.model, verbose=verbose, epochs=rounds,
+            steps=steps)
         self.model.stop_training = False
         self.model._initial_epoch = None
         self._set_model_to_aggregate()
@@ -227,7 +251,7 @@ class DecentralizedTrainer:
         logs = {}
         for r in range(start, rounds):
             cb_list.on_epoch_begin(r)
-            cb_list.on_train_batch_begin(0)
+            progress = _Steps(cb_list, steps)
             t0 = time.perf_counter()
             graph = self.topology.draw(k, stream_rng(self.seed, "topology", r))
             active = None
@@ -240,8 +264,9 @@ class DecentralizedTrainer:
                 base.RoundInput(r, self.client_weights, graph, tensors.counts,
                                 int(tensors.mask.shape[1]), stream_rng(self.seed, "sampling", r),
                                 self.fns, self._sample_bytes, self.defence, rounds,
-                                self.algorithm_state),
+                                self.algorithm_state, progress),
                 channel, self.executor)
+            progress(steps)  # the steps an algorithm did not report
             weights, logs, state = output.weights, output.logs, output.state
             if active is not None:  # clients that sat out keep their weights (and state)
                 keep = tf.constant(active)
@@ -260,7 +285,6 @@ class DecentralizedTrainer:
                 logs["byzantine_share_max"] = byzantine_share_max(graph, self.byzantine_clients)
             self.round = r + 1
             self._set_model_to_aggregate()
-            cb_list.on_train_batch_end(0, logs)
             if validation_data is not None:
                 logs.update(self.evaluate(*val, features_ready=True))
             cb_list.on_epoch_end(r, logs)

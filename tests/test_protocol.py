@@ -161,7 +161,7 @@ class _Recorder:
     def __init__(self):
         self.calls = []
 
-    def map(self, context, calls):
+    def map(self, context, calls, progress=None):
         from ntkdfl_tf.algorithms.ntkdfl import EvolveResult
 
         self.calls += calls

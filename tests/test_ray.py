@@ -99,3 +99,17 @@ def test_actor_killed_mid_round_is_restarted_and_the_round_retried(tiny, local_r
     for a, b in zip(expected.client_weights, trainer.client_weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(expected_history["val_loss"], history["val_loss"], atol=1e-6)
+
+
+def test_ray_reports_every_client_group_as_a_step(tiny, local_ray):
+    """The actors' blocks of calls come back one by one; each group is one Keras step."""
+    import keras
+
+    steps = []
+    recorder = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: steps.append(batch))
+    clients, test = tiny
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, ALGORITHMS["dfedavg"](),
+                                      nd.topology.RandomGraph(3), seed=0, executor=local_ray)
+    trainer.fit(clients, rounds=1, callbacks=[recorder], verbose=0)
+    assert steps == [0, 1, 2]  # 8 clients in groups of 3

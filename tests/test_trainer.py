@@ -122,3 +122,59 @@ def test_early_stopping_stops_training(small_fashion):
     history = trainer.fit(clients, rounds=5, validation_data=(x_test[:200], y_test[:200]),
                           callbacks=[stop], verbose=0)
     assert history.epoch == [0, 1]
+
+
+class _StepRecorder(keras.callbacks.Callback):
+    """Records (round, step) of every on_train_batch_end."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append((self.epoch, batch))
+
+
+@pytest.mark.parametrize("algorithm", [
+    nd.algorithms.NTKDFL(taus=(10, 20), client_batch=3),
+    nd.algorithms.get("dfedavg", local_epochs=1, client_batch=3)])
+def test_progress_counts_client_groups_and_prints_a_short_line(tiny, capsys, algorithm):
+    """8 clients in groups of 3: three steps per round reach every callback, and verbose=2
+    prints one short line per round (accuracy, loss, client accuracy, bytes in units), not the
+    other logs, which stay in History."""
+    clients, test = tiny
+    recorder = _StepRecorder()
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, algorithm, nd.topology.RandomGraph(2), seed=0)
+    history = trainer.fit(clients, rounds=2, validation_data=test, callbacks=[recorder],
+                          verbose=2)
+    assert recorder.steps == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" - ")[0] for line in lines] == ["Round 1/2", "Round 2/2"]
+    for line in lines:
+        assert "accuracy: " in line and "client_accuracy: " in line and "loss: " in line
+        assert " MB" in line or " GB" in line
+        assert "client_weight_spread" not in line and "bytes_sent" not in line
+    assert "client_weight_spread" in history.history
+    assert ("tau: " in lines[0]) == isinstance(algorithm, nd.algorithms.NTKDFL)
+
+
+def test_progress_bar_moves_within_the_round(tiny, capsys):
+    """verbose=1: a header per round, the bar at each group, then the finished bar and line."""
+    clients, test = tiny
+    trainer = nd.DecentralizedTrainer(
+        nd.models.mlp, nd.algorithms.NTKDFL(taus=(10,), client_batch=4),
+        nd.topology.RandomGraph(2), seed=0)
+    trainer.fit(clients, rounds=1, validation_data=test, verbose=1)
+    out = capsys.readouterr().out
+    assert out.startswith("Round 1/1\n")
+    assert "1/2" in out  # the bar after the first of two groups
+    assert "2/2 " + "━" * 20 in out and "client_accuracy: " in out
+
+
+@pytest.mark.parametrize("n, text", [(512, "512 B"), (1.4e9, "1.4 GB"), (94252456620, "94.3 GB"),
+                                     (2.5e13, "25.0 TB")])
+def test_human_bytes(n, text):
+    assert nd.callbacks.round_progress.human_bytes(n) == text

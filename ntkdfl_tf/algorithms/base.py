@@ -76,6 +76,8 @@ class RoundInput(typing.NamedTuple):
         total_rounds: the rounds of this ``fit`` (defences whose threshold decays use it).
         state: the algorithm's state from the previous round (``Algorithm.initial_state`` at
             the start), None for algorithms without state.
+        progress: passed on to the round's main ``executor.map``, which calls it with the
+            number of client groups done so far (the trainer's progress steps); None: silent.
     """
 
     index: int
@@ -89,6 +91,7 @@ class RoundInput(typing.NamedTuple):
     defence: typing.Any = None
     total_rounds: int = 1
     state: typing.Any = None
+    progress: typing.Any = None
 
     @property
     def num_clients(self):
@@ -155,6 +158,13 @@ class Algorithm:
     def make_worker(self, fns):
         """The worker that runs this algorithm's calls for the model behind ``fns``."""
         raise NotImplementedError
+
+    def steps_per_round(self, num_clients):
+        """The round's progress steps: its client groups of ``client_batch`` clients (one
+        ``executor.map`` call each, reported through ``RoundInput.progress``); 1 for an
+        algorithm without ``client_batch``."""
+        batch = getattr(self, "client_batch", None)
+        return 1 if batch is None else -(-num_clients // min(batch, num_clients))
 
     def run_round(self, round_input, channel, executor):
         raise NotImplementedError

@@ -294,7 +294,8 @@ class DisPFL(LocalSGD):
         calls = [MaskedTrainCall(g.indices, [w[g.indices] for w in averaged],
                                  [m[g.indices] for m in masks], steps[:, g.indices])
                  for g in groups]
-        results = executor.map(TrainContext(lr), calls)
+        # progress: the training groups (the regrowth map above is one batch per client)
+        results = executor.map(TrainContext(lr), calls, progress=r.progress)
         losses = base.scatter_groups(groups, [res.loss for res in results], k, np.float64)
         trained = [base.scatter_groups(groups, [res.weights[v] for res in results], k)
                    for v in range(len(sent))]

@@ -59,7 +59,9 @@ class LocalSGD(base.Algorithm):
         momentum: heavy-ball momentum (0: plain SGD); buffers start at zero every round, as a
             fresh local optimizer does in the reference.
         sam_rho: sharpness-aware minimisation radius (0: off).
-        client_batch: clients trained together in one TensorFlow call.
+        client_batch: clients trained together in one TensorFlow call; each group is one
+            step of the trainer's progress bar, so with the default 100 a round of at most
+            100 clients is a single step.
     """
 
     learning_rate: typing.Any = 0.1
@@ -110,7 +112,7 @@ class LocalSGD(base.Algorithm):
         groups = base.client_groups(k, min(self.client_batch, k))
         calls = [TrainCall(g.indices, [w[g.indices] for w in own], steps[:, g.indices])
                  for g in groups]
-        results = executor.map(TrainContext(lr), calls)
+        results = executor.map(TrainContext(lr), calls, progress=r.progress)
         losses = base.scatter_groups(groups, [res.loss for res in results], k, np.float64)
         trained = [base.scatter_groups(groups, [res.weights[v] for res in results], k)
                    for v in range(len(own))]

@@ -123,7 +123,7 @@ class NTKDFL(base.Algorithm):
             finest any of its clients needs; with Dormand-Prince every client keeps its own and
             the call lasts as long as its slowest. Batches are contiguous runs of client
             indices, the same every round (a remote executor keeps each run's data on one
-            actor).
+            actor). Each batch is one step of the trainer's progress bar.
         jacobian_chunk: samples per Jacobian chunk for ``kernel="explicit"`` and explicit
             packages (bounds memory).
         jacobian_batches: the reference's Jacobian batching ``m``. Each round every client's
@@ -224,7 +224,7 @@ class NTKDFL(base.Algorithm):
             channel.adversary.rng.integers(2**31))
         results = executor.map(EvolveContext(r.index, eta, orders, channel.codec, channel.seed,
                                              channel.package_attack, screen, adversary_seed),
-                               calls)
+                               calls, progress=r.progress)
         return self.combine(r, groups, results, eta, screen is not None)
 
     def average(self, round_input, channel):

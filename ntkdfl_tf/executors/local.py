@@ -22,9 +22,14 @@ class LocalExecutor:
             self._worker, self._built_for = algorithm.make_worker(fns), (algorithm, fns)
         self._worker.bind(clients)
 
-    def map(self, context, calls):
-        """``[worker.run(context, call) for call in calls]``."""
-        return [self._worker.run(context, call) for call in calls]
+    def map(self, context, calls, progress=None):
+        """``[worker.run(context, call) for call in calls]``; ``progress(done)`` after each."""
+        results = []
+        for call in calls:
+            results.append(self._worker.run(context, call))
+            if progress is not None:
+                progress(len(results))
+        return results
 
     def round_stats(self):
         """Per-round figures for the logs: none here."""

@@ -165,8 +165,11 @@ class RayExecutor:
         return (np.unique(np.concatenate([c.members for c in calls])).astype(np.int64),
                 np.unique(np.concatenate([c.reads for c in calls])).astype(np.int64))
 
-    def map(self, context, calls):
+    def map(self, context, calls, progress=None):
         """The calls dealt to the actors in contiguous blocks; results in call order.
+
+        ``progress(done)``, if given, is called with the number of calls done whenever an
+        actor's block comes back.
 
         An actor's first block of calls in a fit fixes the clients it owns (their data stays on
         it for the fit; if later maps deal differently, their clients are fetched as others').
@@ -178,7 +181,7 @@ class RayExecutor:
         context_ref = ray.put(context)
         self._bytes += sum(_nbytes(context) for _ in self.actors)
         blocks = np.array_split(np.arange(len(calls)), len(self.actors))
-        futures = []
+        futures, sizes = [], {}
         for a, (actor, block) in enumerate(zip(self.actors, blocks)):
             if not len(block):
                 continue
@@ -197,6 +200,12 @@ class RayExecutor:
                 self._token, self._setup, context_ref, part, own,
                 [self._client_refs[i] for i in own], extra.tolist(),
                 [self._client_refs[i] for i in extra]))
+            sizes[futures[-1]] = len(block)
+        pending, done = list(futures), 0
+        while progress is not None and pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done += sum(sizes[f] for f in ready)
+            progress(done)
         results = [r for part in ray.get(futures) for r in part]
         self._bytes += _nbytes(results)
         return results
