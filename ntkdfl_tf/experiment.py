@@ -1,7 +1,8 @@
 """One training run from a flat configuration: what the launchers call.
 
 ``run(Config(...))`` loads the data, partitions it, trains, and writes into ``logdir``:
-``history.csv`` (one row per round), TensorBoard events, and the aggregated model to
+``history.csv`` (one row per round), TensorBoard events (scalars, the client-accuracy
+histogram, the configuration as hparams), and the aggregated model to
 ``<save_dir>/<run_name>.keras``.
 """
 
@@ -203,12 +204,14 @@ def make_executor(cfg):
     return RayExecutor(num_actors=cfg.ray_actors, address=cfg.ray_address)
 
 
-def make_model_fn(cfg):
+def make_model_fn(cfg, train=None):
+    """The model function: a bundled dataset's model, else one shaped by ``train`` (x, y)."""
     if cfg.model not in models.MODELS:
         raise ValueError(f"Unknown model {cfg.model!r}; choose one of {', '.join(models.MODELS)}.")
-    if cfg.model == "mlp":
-        return functools.partial(models.mlp, dataset=cfg.dataset, hidden=(cfg.hidden,))
-    return functools.partial(models.MODELS[cfg.model], dataset=cfg.dataset)
+    options = {"hidden": (cfg.hidden,)} if cfg.model == "mlp" else {}
+    if cfg.dataset not in data.STATS and train is not None:
+        return models.for_data(*train, cfg.model, **options)
+    return functools.partial(models.MODELS[cfg.model], dataset=cfg.dataset, **options)
 
 
 def partition(cfg, x, y):
@@ -234,9 +237,7 @@ def validate(cfg):
             raise ValueError(f"--{name} must be positive, got {value!r}.")
     if cfg.partition == "dirichlet" and not cfg.alpha > 0:
         raise ValueError(f"--alpha must be > 0 for the Dirichlet partition, got {cfg.alpha!r}.")
-    if cfg.dataset not in data.DATASETS:
-        raise ValueError(f"Unknown dataset {cfg.dataset!r}; choose one of "
-                         f"{', '.join(data.DATASETS)}.")
+    data.check_name(cfg.dataset)
     if cfg.partition not in data.PARTITIONS:
         raise ValueError(f"Unknown partition {cfg.partition!r}; choose one of "
                          f"{', '.join(data.PARTITIONS)}.")
@@ -262,13 +263,24 @@ def validate(cfg):
             raise ValueError(f"Cannot write to {folder!r}; choose a writable folder.")
 
 
-def make_trainer(cfg):
+def make_trainer(cfg, train=None):
     """The ``DecentralizedTrainer`` that ``cfg`` describes (model, algorithm, graph, faults,
-    executor and channel; its seed)."""
-    return DecentralizedTrainer(make_model_fn(cfg), make_algorithm(cfg), make_topology(cfg),
+    executor and channel; its seed); ``train``: the training ``(x, y)`` for a dataset other
+    than the bundled two, which shapes the model."""
+    return DecentralizedTrainer(make_model_fn(cfg, train), make_algorithm(cfg), make_topology(cfg),
                                 seed=cfg.seed, faults=make_faults(cfg),
                                 executor=make_executor(cfg), channel=make_channel(cfg),
                                 defence=make_defence(cfg))
+
+
+NOT_HPARAMS = ("data_dir", "logdir", "save_dir", "run_name", "verbose", "resume", "ray_address")
+
+
+def hparams(cfg):
+    """The run's settings for TensorBoard's HParams tab: every Config field but paths and
+    display options; tuples as text, unset (None) fields left out."""
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HPARAMS and v is not None}
 
 
 def run(cfg, dataset=None):
@@ -286,12 +298,13 @@ def run(cfg, dataset=None):
     t0 = time.perf_counter()
     (x_train, y_train), (x_test, y_test) = dataset or data.load(cfg.dataset, data_dir=cfg.data_dir)
     clients = partition(cfg, x_train, y_train)
-    trainer = make_trainer(cfg)
+    trainer = make_trainer(cfg, (x_train, y_train))
     final = callbacks.FinalAggregation(cfg.save_dir, run_name)
     history_path = os.path.join(cfg.logdir, "history.csv")
     cbs = [callbacks.HistoryCSV(history_path),
            keras.callbacks.TensorBoard(cfg.logdir, write_graph=False),
-           callbacks.ClientMetrics(cfg.logdir), final,
+           callbacks.ClientMetrics(cfg.logdir), callbacks.HParams(cfg.logdir, hparams(cfg)),
+           final,
            # last, so a round is checkpointed only once its CSV row is on disk
            callbacks.RoundCheckpoint(cfg.logdir, resume=cfg.resume, verbose=cfg.verbose)]
     if cfg.stop_at_accuracy:

@@ -108,9 +108,15 @@ def test_corrupted_file_raises_checksum_error(regzipped, tmp_path, damage):
 
 
 def test_unknown_dataset_raises():
-    """An unknown dataset name raises ValueError naming it."""
-    with pytest.raises(ValueError, match="'cifar10'"):
-        nd.data.load("cifar10")
+    """A name tfds does not know raises ValueError naming it."""
+    with pytest.raises(ValueError, match="'no_such_dataset'"):
+        nd.data.load("no_such_dataset")
+
+
+def test_other_tfds_dataset_without_a_prepared_copy_offline_raises_data_not_found():
+    """A tfds image dataset that tfds cannot provide (here: tfds disabled) says how to fix it."""
+    with pytest.raises(nd.data.DataNotFoundError, match="kmnist.*ConnectionError.*tfds_data_dir"):
+        nd.data.load("kmnist")
 
 
 @pytest.mark.parametrize("name", nd.data.DATASETS)

@@ -1,4 +1,9 @@
-"""Load Fashion-MNIST and MNIST through tensorflow-datasets, offline when the files are local.
+"""Load image-classification datasets through tensorflow-datasets as NumPy arrays.
+
+Any tfds dataset with an ``image`` feature (uint8 images of one fixed size, any channel count)
+and a ``label`` feature (``ClassLabel``) and ``train`` and ``test`` splits loads by name
+(``kmnist``, ``cifar10``, ...): from tfds's prepared copy, or downloaded once when online. The two
+bundled ones, Fashion-MNIST and MNIST, also load offline from their original IDX files.
 
 Where the original IDX ``.gz`` files are looked for, in order:
 
@@ -16,6 +21,7 @@ files, tfds is asked as usual (it reuses a prepared copy, or downloads when onli
 import gzip
 import hashlib
 import os
+import tempfile
 
 import numpy as np
 
@@ -113,35 +119,95 @@ def _tfds_load(name, manual_dir=None, tfds_data_dir=None):
     import tensorflow_datasets as tfds  # imported lazily: heavy, and only needed here
 
     kwargs = {}
-    if manual_dir is not None:
-        kwargs["download_and_prepare_kwargs"] = {
-            "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
-    splits = tfds.load(name, split=["train", "test"], batch_size=-1, as_supervised=True,
-                       data_dir=tfds_data_dir, **kwargs)
-    (x_train, y_train), (x_test, y_test) = tfds.as_numpy(splits)
+    # A private extraction folder: tfds names extracted files after the archive alone, and
+    # MNIST's and Fashion-MNIST's share names, so a shared folder gave MNIST Fashion's pixels.
+    with tempfile.TemporaryDirectory() as extract_dir:
+        if manual_dir is not None:
+            config = tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=extract_dir)
+            kwargs["download_and_prepare_kwargs"] = {"download_config": config}
+        splits = tfds.load(name, split=["train", "test"], batch_size=-1,
+                           data_dir=tfds_data_dir, **kwargs)
+        (x_train, y_train), (x_test, y_test) = ((s["image"], s["label"])
+                                                for s in tfds.as_numpy(splits))
     return (x_train, y_train.astype(np.int64)), (x_test, y_test.astype(np.int64))
 
 
+def check_name(name):
+    """Raises ValueError unless ``name`` is a bundled dataset or a tfds dataset (no download)."""
+    if name in DATASETS:
+        return
+    _tfds_builder(name)
+
+
+def _tfds_builder(name, tfds_data_dir=None):
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=tfds_data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"Unknown dataset {name!r}: neither {' nor '.join(DATASETS)} nor a "
+                         "tensorflow-datasets name; pick an image-classification dataset of "
+                         "tfds (e.g. kmnist, cifar10) or pass your arrays to "
+                         "nd.data.from_arrays.") from e
+
+
+def check_features(name, features):
+    """Raises ValueError unless tfds ``features`` have a fixed-size uint8 ``image`` and a
+    ``ClassLabel`` ``label``; the message names what was found."""
+    import tensorflow_datasets as tfds
+
+    image = features["image"] if "image" in features else None
+    label = features["label"] if "label" in features else None
+    usable = (isinstance(image, tfds.features.Image) and image.np_dtype == np.uint8
+              and None not in image.shape and isinstance(label, tfds.features.ClassLabel))
+    if not usable:
+        found = ", ".join(f"{k}: {type(v).__name__}{getattr(v, 'shape', '')} "
+                          f"{getattr(v, 'np_dtype', '')}".strip() for k, v in features.items())
+        raise ValueError(f"Dataset {name!r} has features {{{found}}}; nd.data.load needs 'image' "
+                         "(uint8 Image of one fixed size) and 'label' (ClassLabel): load it "
+                         "with tensorflow_datasets and pass the arrays to nd.data.from_arrays.")
+
+
+def _load_tfds_images(name, tfds_data_dir):
+    """Any tfds image-classification dataset (see the module docstring)."""
+    builder = _tfds_builder(name, tfds_data_dir)
+    check_features(name, builder.info.features)
+    try:
+        return _tfds_load(name, tfds_data_dir=tfds_data_dir)
+    except ValueError as e:  # e.g. no 'test' split (tfds says what it has)
+        raise ValueError(f"Could not load {name!r} (nd.data.load needs 'train' and 'test' "
+                         f"splits): {str(e).splitlines()[0]}") from e
+    except Exception as e:  # tfds raises many kinds when offline; all mean "not available"
+        raise DataNotFoundError(
+            f"tensorflow-datasets could not provide {name} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); prepare it once online "
+            f"(tfds.load({name!r})) or pass tfds_data_dir= a folder holding its prepared copy."
+        ) from e
+
+
 def load(name="fashion_mnist", data_dir=None, tfds_data_dir=None):
-    """Loads a dataset as NumPy arrays, offline when its original files are found locally.
+    """Loads an image-classification dataset as NumPy arrays.
 
     Args:
-        name: ``"fashion_mnist"`` or ``"mnist"``.
+        name: ``"fashion_mnist"`` or ``"mnist"`` (offline when their original files are found
+            locally), or any tfds dataset with an ``image`` (uint8, one fixed size) and a
+            ``label`` (``ClassLabel``) feature and ``train`` and ``test`` splits.
         data_dir: folder holding the original IDX ``.gz`` files (or a parent with a
             ``<name>/`` sub-folder). Searched before ``$NTKDFL_DATA_DIR`` and Debian's folder.
         tfds_data_dir: where tfds keeps its prepared copy (tfds's default when None).
 
     Returns:
-        ``((x_train, y_train), (x_test, y_test))``: images uint8 of shape (n, 28, 28, 1) as tfds
-        gives them, labels int64.
+        ``((x_train, y_train), (x_test, y_test))``: images uint8 of shape (n, height, width,
+        channels) as tfds gives them, labels int64.
 
     Raises:
-        ValueError: unknown dataset name.
+        ValueError: unknown dataset name, or a dataset without usable ``image`` and ``label``
+            features or ``train`` and ``test`` splits; the message names what was found.
         DataChecksumError: local files whose content is not the upstream release.
         DataNotFoundError: no local files and tfds could not provide the dataset.
     """
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+        return _load_tfds_images(name, tfds_data_dir)
     folder, paths = _find_files(name, data_dir)
     if folder is not None:
         with_upstream_checksums = all(
