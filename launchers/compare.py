@@ -1,64 +1,9 @@
-"""Compare algorithms on identical seeds, optionally over sweeps.
+"""Compare algorithms on identical seeds: the `ntkdfl-compare` command as a script (ntkdfl_tf/cli/compare.py).
 
-    python launchers/compare.py --algorithms=ntk_dfl,dfedavg --rounds=20 --logdir=runs/cmp
-    python launchers/compare.py --algorithms=ntk_dfl --alphas=0.05,0.1,0.5,1.0
-    python launchers/compare.py --algorithms=ntk_dfl --num_neighbors=2,5,10 --topologies=random,ring
-    python launchers/compare.py --algorithms=ntk_dfl --ablation
-    python launchers/compare.py --algorithms=ntk_dfl,dfedavg --dropouts=0,0.1,0.3,0.5
-    python launchers/compare.py --algorithms=ntk_dfl,dfedavg --codecs='identity;factored' \
-        --weight_codecs='identity;quantize:bits=8'
-
-Writes <logdir>/<run>/history.csv, <logdir>/summary.csv, accuracy.png, accuracy_vs_bytes.png.
+    python launchers/compare.py --helpshort
 """
 
-import sys
-
-from absl import app, flags, logging
-
-import run_flags
-from ntkdfl_tf import compare, experiment
-
-SWEPT = ("algorithm", "alpha", "num_neighbors", "topology", "dropout", "codec", "weight_codec",
-         "run_name", "save_dir")
-run_flags.define(skip=SWEPT)
-flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms to compare.")
-flags.DEFINE_list("alphas", None, "Dirichlet alphas to sweep, 'iid' for an IID partition "
-                  "(default: 0.1).")
-flags.DEFINE_list("num_neighbors", None, "Random-graph degrees to sweep (default: 5).")
-flags.DEFINE_list("topologies", None, "Topologies to sweep, e.g. random,ring (default: random).")
-flags.DEFINE_list("dropouts", None, "Client dropout probabilities to sweep (default: 0).")
-flags.DEFINE_boolean("ablation", False, "Also run NTK-DFL without per-round averaging.")
-flags.DEFINE_string("codecs", None, "NTK-DFL package codecs to sweep, separated by ';' "
-                    "(commas belong to codec parameters), e.g. 'identity;factored;"
-                    "subsample:fraction=0.25' (default: identity).")
-flags.DEFINE_string("weight_codecs", None, "Weight-message codecs to sweep, separated by ';', "
-                    "e.g. 'identity;quantize:bits=8' (default: identity).")
-flags.DEFINE_float("target_accuracy", 0.85, "Accuracy whose first round summary.csv reports.")
-FLAGS = flags.FLAGS
-
-
-def _codec_list(text):
-    return [c.strip() for c in (text or "").split(";") if c.strip()] or None
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    values = run_flags.config_values(skip=SWEPT)
-    if FLAGS["logdir"].value is None:
-        values["logdir"] = "runs/compare"
-    try:
-        compare.compare(experiment.Config(**values), FLAGS.algorithms,
-                        alphas=[a if a == "iid" else float(a) for a in FLAGS.alphas or []],
-                        num_neighbors=[int(k) for k in FLAGS.num_neighbors or []],
-                        topologies=FLAGS.topologies, ablation=FLAGS.ablation,
-                        target_accuracy=FLAGS.target_accuracy,
-                        dropouts=[float(p) for p in FLAGS.dropouts or []],
-                        codecs=_codec_list(FLAGS.codecs),
-                        weight_codecs=_codec_list(FLAGS.weight_codecs))
-    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:  # one clear line
-        sys.exit(f"error: {e}")
-
+from ntkdfl_tf.cli import compare
 
 if __name__ == "__main__":
-    app.run(main)
+    compare.run()

@@ -141,3 +141,35 @@ def test_compare_sweeps_codecs_and_reports_bytes_to_target(tmp_path):
     assert (float(rows["dfedavg_weights-q8"]["bytes_per_round"])
             < float(rows["dfedavg_weights-identity"]["bytes_per_round"]) / 3.9)
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 1000
+
+
+def _command(name):
+    """The installed entry point (``pip install -e .`` puts it beside the interpreter)."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.path.exists(path), f"{path} missing: run pip install -e '.[test]' again"
+    return path
+
+
+@pytest.mark.parametrize("name, own_flag", [
+    ("ntkdfl-train", "--num_clients"), ("ntkdfl-compare", "--algorithms"),
+    ("ntkdfl-byzantine", "--part"), ("ntkdfl-selection", "--validation_fraction")])
+def test_commands_list_their_flags(name, own_flag):
+    out = subprocess.run([_command(name), "--helpshort"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 1, out.stderr[-2000:]  # absl's help exits with 1
+    assert own_flag + ":" in out.stdout and "--seed:" in out.stdout
+    assert "--flagfile" in out.stdout  # the usage text documents it
+
+
+def test_train_command_reads_a_flagfile_and_prints_a_line_per_round(tmp_path):
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("\n".join(TINY + ["--algorithm=dfedavg", f"--logdir={tmp_path}/logs",
+                                          f"--save_dir={tmp_path}/models"]) + "\n")
+    out = subprocess.run([_command("ntkdfl-train"), f"--flagfile={flagfile}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rounds = [line for line in out.stdout.splitlines() if line.startswith("Round ")]
+    assert [line.split(" - ")[0] for line in rounds] == ["Round 1/2", "Round 2/2"]
+    assert all("accuracy: " in line and " MB" in line for line in rounds)
+    with open(tmp_path / "logs" / "history.csv") as f:
+        assert [r["round"] for r in csv.DictReader(f)] == ["1", "2"]

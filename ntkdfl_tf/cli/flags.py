@@ -1,18 +1,20 @@
-"""Flags shared by the launchers: one flag per ntkdfl_tf.experiment.Config field.
+"""Flags shared by the commands: one flag per ntkdfl_tf.experiment.Config field.
 
 Unset flags (None) fall back to the preset, then to the Config default.
 """
 
 import dataclasses
+import sys
 
-from absl import flags
+from absl import app, flags, logging
 
 from ntkdfl_tf import experiment
 
 _D = experiment.Config()
 _HELP = {
     "algorithm": "ntk_dfl, dfedavg, dfedavgm, dpsgd, dfedsam or dispfl.",
-    "dataset": "fashion_mnist or mnist.",
+    "dataset": "fashion_mnist, mnist (offline from their IDX files) or any tfds image "
+               "classification dataset with image and label features, e.g. kmnist.",
     "data_dir": "Folder with the original IDX .gz files (else $NTKDFL_DATA_DIR, Debian's "
                 "folder, then tfds).",
     "model": "mlp or cnn.", "hidden": "MLP hidden width.", "num_clients": "Number of clients.",
@@ -104,3 +106,24 @@ def config_values(skip=()):
         if value is not None:
             values[field.name] = tuple(int(t) for t in value) if field.name == "taus" else value
     return values
+
+
+def run(main, doc):
+    """``absl.app.run(main)`` as a command: ``doc`` is the ``--help`` text (with a line on
+    ``--flagfile``), ``--helpshort`` lists the command's flags, and a bad value ends it with one line ``error: ...`` (no
+    traceback)."""
+    sys.modules["__main__"].__doc__ = (doc + "\n--flagfile=FILE reads flags from a file, one "
+                                       "--flag=value per line (later flags win).\n")
+    for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+        if module.startswith("ntkdfl_tf.cli"):
+            for flag in module_flags:
+                flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+    def checked_main(argv):
+        logging.set_verbosity(logging.WARNING)  # tfds reports every file it reads at INFO
+        try:
+            main(argv)
+        except (ValueError, OSError, RuntimeError, ArithmeticError) as e:  # one clear line
+            sys.exit(f"error: {e}")
+
+    app.run(checked_main)

@@ -1,0 +1,39 @@
+"""The Byzantine matrix, one part at a time (ntkdfl_tf.robustness; `ntkdfl-byzantine`):
+
+    ntkdfl-byzantine --part=no_attack --logdir=runs/byzantine
+    ntkdfl-byzantine --part=attacks --logdir=runs/byzantine
+    ntkdfl-byzantine --part=fractions --logdir=runs/byzantine
+    ntkdfl-byzantine --part=seeds --logdir=runs/byzantine
+    ntkdfl-byzantine --part=dpsgd --logdir=runs/byzantine
+
+Writes <logdir>/<cell>/history.csv, <logdir>/matrix.csv and <logdir>/heatmap.png; a killed part
+resumes where it stopped when run again.
+"""
+
+from absl import flags
+
+from ntkdfl_tf import experiment, robustness
+from ntkdfl_tf.cli import flags as cli_flags
+
+SWEPT = ("algorithm", "attack", "attack_params", "byzantine_fraction", "defence",
+         "final_aggregation", "run_name", "save_dir")
+cli_flags.define(skip=SWEPT)
+flags.DEFINE_enum("part", "attacks", list(robustness.PARTS), "Which part of the matrix to run.")
+flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms of the matrix.")
+flags.DEFINE_float("fraction", 0.2, "Byzantine share of the attacks and seeds parts.")
+flags.DEFINE_string("only", None, "Run only the cells whose name contains this text.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    if FLAGS["preset"].using_default_value:
+        FLAGS.preset = "byzantine"
+    values = cli_flags.config_values(skip=SWEPT)
+    robustness.run_part(experiment.Config(**values), FLAGS.part, FLAGS.algorithms,
+                        FLAGS.fraction, only=FLAGS.only)
+
+
+def run():
+    """The ``ntkdfl-byzantine`` command."""
+    cli_flags.run(main, __doc__)
