@@ -152,7 +152,8 @@ def _command(name):
 
 @pytest.mark.parametrize("name, own_flag", [
     ("ntkdfl-train", "--num_clients"), ("ntkdfl-compare", "--algorithms"),
-    ("ntkdfl-byzantine", "--part"), ("ntkdfl-selection", "--validation_fraction")])
+    ("ntkdfl-byzantine", "--part"), ("ntkdfl-selection", "--validation_fraction"),
+    ("ntkdfl-reproduce", "--results_dir")])
 def test_commands_list_their_flags(name, own_flag):
     out = subprocess.run([_command(name), "--helpshort"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
