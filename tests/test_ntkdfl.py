@@ -101,6 +101,34 @@ def test_isolated_clients_average_with_themselves(tiny):
         np.testing.assert_allclose(many.numpy()[2], one.numpy()[0], rtol=1e-5, atol=1e-6)
 
 
+def test_a_clients_round_depends_only_on_its_neighbourhood(tiny):
+    """Round 1 of client i in the whole network equals client 0 of a fully connected run on
+    exactly i's closed neighbourhood: nothing in the update depends on the number of clients."""
+    from ntkdfl_tf.trainer import stream_rng
+
+    clients, test = tiny
+    whole = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.NTKDFL(taus=(20, 50)),
+                                    nd.topology.RandomGraph(3), seed=4)
+    whole.fit(clients, rounds=1, validation_data=test, verbose=0)
+    graph = whole.topology.draw(len(clients.counts), stream_rng(4, "topology", 0))
+    s = clients.x.shape[1]
+    flat_x = clients.x.reshape((-1,) + clients.x.shape[2:])
+    for i in (0, 5):
+        members = [i] + list(np.flatnonzero(graph[i]))
+        assert len(members) == 4
+        sub = nd.data.ClientData.from_indices(
+            flat_x, clients.y.reshape(-1),
+            [np.arange(k * s, k * s + clients.counts[k]) for k in members])
+        alone = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.NTKDFL(taus=(20, 50)),
+                                        nd.topology.FullyConnected(), seed=4)
+        alone.fit(sub, rounds=1, validation_data=test, verbose=0)
+        for many, few, start in zip(whole.client_weights, alone.client_weights,
+                                    whole.initial_weights):
+            update = few.numpy()[0] - np.asarray(start)
+            np.testing.assert_allclose(many.numpy()[i] - np.asarray(start), update,
+                                       atol=1e-5 * np.abs(update).max())
+
+
 def test_fully_connected_clients_stay_identical(tiny):
     """Everyone averages to the same weights and evolves on all data: identical clients."""
     clients, test = tiny
