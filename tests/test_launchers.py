@@ -158,7 +158,7 @@ def test_commands_list_their_flags(name, own_flag):
     out = subprocess.run([_command(name), "--helpshort"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 1, out.stderr[-2000:]  # absl's help exits with 1
-    assert own_flag + ":" in out.stdout and "--seed:" in out.stdout
+    assert own_flag + ":" in out.stdout and "--logdir:" in out.stdout
     assert "--flagfile" in out.stdout  # the usage text documents it
 
 
