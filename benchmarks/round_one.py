@@ -7,6 +7,11 @@ help or hurt?):
 
     python benchmarks/round_one.py --flows=euler_adaptive,dopri5 --batches=1,6 --seeds=0,1,2
 
+``--reference_map`` replaces the partition with the reference code's own client split (a pickled
+``{client: train indices}`` file from github.com/Gabe-Thomp/ntk-dfl,
+``data/user_with_data/fmnist300/a0.1/user_dataidx_map_0.10_0.dat``), indexing the original IDX
+training files in their order; the seed then only draws graphs and initial weights.
+
 Writes one CSV row per variant to --out as each finishes.
 """
 
@@ -28,8 +33,9 @@ flags.DEFINE_integer("subset", 30, "Clients per random subset average.")
 flags.DEFINE_integer("subsets", 10, "Random subsets averaged.")
 flags.DEFINE_string("out", "round_one.csv", "CSV of the results (appended).")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
+flags.DEFINE_string("reference_map", None, "The reference code's pickled client split (above).")
 
-FIELDS = ("clients", "flow", "m", "seed", "taus", "aggregate", "client_mean", "tau_mean",
+FIELDS = ("clients", "partition", "flow", "m", "seed", "taus", "aggregate", "client_mean", "tau_mean",
           "subset_mean", "subset_min", "subset_max", "seconds")
 
 
@@ -45,6 +51,23 @@ def subset_accuracy(trainer, x, y, size, count, seed):
         logits = model.predict(x, batch_size=2000, verbose=0)
         out.append(float(np.mean(np.argmax(logits, axis=1) == y)))
     return out
+
+
+def reference_clients(path, data_dir):
+    """The reference's split of the original IDX training files as ClientData."""
+    import gzip
+    import pickle
+
+    from ntkdfl_tf import data
+
+    folder = os.path.join(data_dir or os.environ["NTKDFL_DATA_DIR"], "fashion_mnist")
+    with gzip.open(os.path.join(folder, "train-images-idx3-ubyte.gz")) as f:
+        x = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28, 1)
+    with gzip.open(os.path.join(folder, "train-labels-idx1-ubyte.gz")) as f:
+        y = np.frombuffer(f.read()[8:], np.uint8).astype(np.int64)
+    with open(path, "rb") as f:
+        split = pickle.load(f)  # a public research artefact, read as data
+    return data.ClientData.from_indices(x, y, [np.asarray(split[k]) for k in sorted(split)])
 
 
 def main(argv):
@@ -67,12 +90,18 @@ def main(argv):
                     data_dir=FLAGS.data_dir, logdir=tempfile.mkdtemp(),
                     save_dir=tempfile.mkdtemp())
                 start = time.perf_counter()
-                trainer, history = experiment.run(cfg, dataset=dataset)
+                if FLAGS.reference_map:
+                    trainer = experiment.make_trainer(cfg)
+                    history = trainer.fit(reference_clients(FLAGS.reference_map, FLAGS.data_dir),
+                                          rounds=1, validation_data=(x_test, y_test), verbose=0)
+                else:
+                    trainer, history = experiment.run(cfg, dataset=dataset)
                 seconds = time.perf_counter() - start
                 h = {k: v[-1] for k, v in history.history.items()}
                 subs = subset_accuracy(trainer, x_test, y_test, FLAGS.subset, FLAGS.subsets,
                                        int(seed))
-                row = {"clients": FLAGS.clients, "flow": flow, "m": m, "seed": seed,
+                row = {"clients": FLAGS.clients, "flow": flow,
+                       "partition": "reference_map" if FLAGS.reference_map else "ours", "m": m, "seed": seed,
                        "taus": "grid" if len(taus) > 1 else taus[0],
                        "aggregate": round(h["val_accuracy"], 4),
                        "client_mean": round(h["val_client_mean_accuracy"], 4),
