@@ -224,9 +224,9 @@ def run_part(todo, results, dataset=None, progress=print):
         history_csv = os.path.join(r.config.logdir, "history.csv")
         row = summarise(r, read_history(history_csv), time.perf_counter() - start)
         shutil.copyfile(history_csv, os.path.join(results, "histories", f"{r.name}.csv"))
-        rows = [x for x in read_csv(runs_csv) if x["run"] != r.name] + [row]
-        write_csv(runs_csv, rows, FIELDS)
-        write_outputs(results, rows)
+        write_csv(runs_csv, [x for x in read_csv(runs_csv) if x["run"] != r.name] + [row],
+                  FIELDS)
+        write_outputs(results, read_csv(runs_csv))
     rows = read_csv(runs_csv)
     write_outputs(results, rows)
     return rows
@@ -302,7 +302,12 @@ def _ratio(rows, alpha):
 
 
 def tables(rows):
-    """tables.md: one table per alpha, then the kappa sweep and the ablations."""
+    """tables.md: one table per alpha, then the kappa sweep and the ablations.
+
+    Args:
+        rows: runs.csv rows, as read (text) or as ``summarise`` returns them (numbers).
+    """
+    rows = [{k: str(v) for k, v in r.items()} for r in rows]
     out = []
     main = [r for r in rows if r["num_neighbors"] == "5" and r["topology"] == "random" and
             r["per_round_averaging"] == "1"]

@@ -68,6 +68,9 @@ def test_summary_against_a_hand_count():
     assert row["median_round_seconds"] == 3.5
     missed = reproduce.summarise(_run(), {**history, "val_accuracy": [0.5, 0.6, 0.7, 0.8]}, 1.0)
     assert missed["rounds_to_target"] == "" and missed["bytes_to_target"] == ""
+    # a fresh row (numbers, not yet written and read back) makes its table line too
+    assert "| dfedavg | 3 | 83 | 0.500 / — / — / — | 9 |" in reproduce.tables(
+        [{**row, "seed": 0, "alpha": 0.1}])
 
 
 def _row(label, seed, rounds, cap=250, alpha="0.1"):
@@ -117,7 +120,8 @@ def test_run_part_trains_then_resumes_without_retraining(tmp_path, fashion, monk
     history = read_csv(os.path.join(results, "histories", f"{todo[0].name}.csv"))
     assert len(history) == int(rows[0]["rounds"]) == 2
     assert float(rows[0]["accuracy_r1"]) == pytest.approx(float(history[0]["val_accuracy"]))
-    assert "κ at α = 0.1" in open(os.path.join(results, "tables.md")).read()
+    table = open(os.path.join(results, "tables.md")).read()
+    assert "κ at α = 0.1" in table and "| 2 | dfedavg | > 2 |" in table
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
