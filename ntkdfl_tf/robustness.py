@@ -113,7 +113,10 @@ def headline_from(rows):
     """``{algorithm: (attack, params, best_defence)}`` from the ``attacks`` part's rows.
 
     The strongest attack is the one with the lowest undefended honest aggregate; the best
-    defence the one whose worst honest aggregate over every attack is highest.
+    defence the one whose worst honest aggregate over every attack is highest, among the
+    defences measured against every attack that was measured undefended (a defence missing
+    an attack's cell would be judged on the easier attacks only). An algorithm without such a
+    defence yet is left out, so the parts that need it still fail with a clear message.
     """
     out = {}
     for alg in sorted({r["algorithm"] for r in rows if r["part"] == "attacks"}):
@@ -122,10 +125,17 @@ def headline_from(rows):
         if not undefended:
             continue
         worst = min(undefended, key=lambda r: float(r["honest_aggregate"]))
+        attacks = {(r["attack"], r["attack_params"]) for r in undefended}
         by_defence = {}
         for r in mine:
-            by_defence.setdefault(r["defence"], []).append(float(r["honest_aggregate"]))
-        best = max(by_defence, key=lambda d: (min(by_defence[d]), np.mean(by_defence[d])))
+            if (r["attack"], r["attack_params"]) in attacks:
+                by_defence.setdefault(r["defence"], {})[r["attack"], r["attack_params"]] = \
+                    float(r["honest_aggregate"])
+        complete = {d: list(v.values()) for d, v in by_defence.items()
+                    if d != "none" and len(v) == len(attacks)}
+        if not complete:
+            continue
+        best = max(complete, key=lambda d: (min(complete[d]), np.mean(complete[d])))
         out[alg] = (worst["attack"], worst["attack_params"], best)
     return out
 

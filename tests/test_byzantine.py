@@ -301,6 +301,11 @@ def test_the_matrix_parts_are_complete():
                                                      ("alie", "balance", 0.65),
                                                      ("ipm", "balance", 0.66)]]
     assert robustness.headline_from(rows) == {"dfedavg": ("alie", "", "balance")}
+    # a defence not yet measured against every attack is not ranked: trimmed_mean's one cell
+    # beats balance's worst, but ipm is missing; without any complete defence, no headline
+    trimmed = dict(rows[0], defence="trimmed_mean", honest_aggregate=0.8)
+    assert robustness.headline_from(rows + [trimmed]) == {"dfedavg": ("alie", "", "balance")}
+    assert robustness.headline_from(rows[:2] + [trimmed]) == {}
 
 
 def test_a_cell_summary_and_its_table_read_the_last_round():
