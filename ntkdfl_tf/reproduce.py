@@ -53,6 +53,9 @@ FLOWS = (("ntk_dfl_grid_exact", "ntk_dfl", {"flow": "exact"}),
          ("ntk_dfl_grid_euler", "ntk_dfl", {"flow": "euler_adaptive"}))
 PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations", "flows")
 QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
+QUICK_LEAVES_OUT = ("DFedAvgM, D-PSGD, DisPFL and DFedSAM; seeds 1 and 2; alpha = 0.5 and IID; "
+                    "kappa 2 and 10; the ring and no-averaging ablations; the exact and Euler "
+                    "flows")
 
 # The paper's rounds to 85% (Fashion-MNIST, 300 clients, kappa = 5); None: not reported.
 # ">200" is DisPFL's entry at alpha = 0.1.

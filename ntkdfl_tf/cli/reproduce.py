@@ -2,7 +2,7 @@
 
     python launchers/reproduce.py --quick                 # NTK-DFL (grid, tau = 100), DFedAvg
     python launchers/reproduce.py --part=a0.1_s0          # alpha = 0.1, seed 0, every algorithm
-    python launchers/reproduce.py --part=a0.1_s1,a0.1_s2,a0.5,iid,kappa,ablations
+    python launchers/reproduce.py --part=a0.1_s1,a0.1_s2,a0.5,iid,kappa,ablations,flows
 
 Checkpoints go to --logdir; runs.csv, histories/, tables.md and the figures to --results_dir,
 and the tables into the generated block of --results_md. A killed part resumes where it stopped
@@ -46,6 +46,9 @@ def main(argv):
             overrides["num_clients"] = FLAGS.num_clients
         base = reproduce.base_config(**overrides)
         todo = reproduce.runs(FLAGS.part, base, FLAGS.logdir, FLAGS.quick, FLAGS.max_rounds)
+        if FLAGS.quick:
+            print(f"--quick: {', '.join(r.name for r in todo)}; leaves out "
+                  f"{reproduce.QUICK_LEAVES_OUT}.", flush=True)
         start = time.perf_counter()
         rows = reproduce.run_part(todo, FLAGS.results_dir,
                                   progress=lambda line: print(line, flush=True))
@@ -56,7 +59,6 @@ def main(argv):
         sys.exit(f"error: {e}")
     print(f"{len(todo)} runs of {','.join(FLAGS.part)} done in this invocation's "
           f"{time.perf_counter() - start:.0f} s; results in {FLAGS.results_dir}", flush=True)
-
 
 
 def run():
