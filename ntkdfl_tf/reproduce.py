@@ -244,7 +244,8 @@ def _fmt_rounds(rows):
         missing = len(rows) - len(got)
         cap = max(int(r["round_cap"]) for r in rows)
         if not got:
-            return f"> {cap}"
+            final = _median(rows, "final_accuracy", _acc)
+            return f"> {cap}" + ("" if final == "—" else f" ({final} at the cap)")
         return f"{_mean_sd(got)} ({missing} of {len(rows)} seeds > {cap})"
     return _mean_sd(got)
 
