@@ -83,7 +83,9 @@ def _slug(codec):
 
 
 def summarise(name, cfg, history, seconds, target):
-    h = history.history
+    """One summary.csv row (``SUMMARY_FIELDS``) from a run's ``history`` (a Keras ``History``
+    or its ``.history`` dict of per-round lists)."""
+    h = getattr(history, "history", history)
     acc = np.asarray(h.get("val_accuracy", [np.nan]))
     hit = np.flatnonzero(acc >= target)
     cumulative = np.cumsum(h["bytes_sent"])

@@ -34,7 +34,7 @@ import typing
 
 import numpy as np
 
-from ntkdfl_tf import data, experiment
+from ntkdfl_tf import compare, data, experiment
 from ntkdfl_tf.callbacks.history_csv import read_history
 from ntkdfl_tf.io import atomic_open, read_csv, save_figure, write_csv
 
@@ -172,31 +172,29 @@ def runs(parts, base, logdir, quick=False, max_rounds=None):
 
 
 def summarise(run, history, wall_seconds):
-    """One row of runs.csv (``FIELDS``) from a run's full history (``read_history``)."""
+    """One row of runs.csv (``FIELDS``) from a run's full history (``read_history``); the
+    figures to the target come from ``compare.summarise``."""
     cfg = run.config
-    acc = np.asarray(history["val_accuracy"])
+    common = compare.summarise(run.name, cfg, history, wall_seconds, TARGET)
+    acc = history["val_accuracy"]
     seconds = np.asarray(history["round_seconds"])
-    hit = np.flatnonzero(acc >= TARGET)
-    reached = int(hit[0]) if hit.size else None
-    last = {k: v[-1] for k, v in history.items() if v}
+    reached = common["rounds_to_target"]
     row = {"run": run.name, "part": run.part, "label": run.label, "algorithm": cfg.algorithm,
            "alpha": "iid" if cfg.partition == "iid" else cfg.alpha,
            "num_neighbors": cfg.num_neighbors, "topology": cfg.topology,
            "per_round_averaging": int(cfg.per_round_averaging), "seed": cfg.seed,
-           "rounds": len(acc), "round_cap": cfg.rounds,
-           "rounds_to_target": "" if reached is None else reached + 1,
-           "train_seconds_to_target": "" if reached is None else
-           round(float(seconds[:reached + 1].sum()), 1),
-           "bytes_to_target": "" if reached is None else
-           float(np.sum(history["bytes_sent"][:reached + 1])),
-           "final_accuracy": float(acc[-1]),
-           "final_client_mean_accuracy": last.get("val_client_mean_accuracy", ""),
-           "final_client_local_accuracy": last.get("val_client_local_accuracy", ""),
-           "aggregate_gain": float(acc[-1]) - last["val_client_mean_accuracy"]
-           if "val_client_mean_accuracy" in last else "",
+           "rounds": common["rounds"], "round_cap": cfg.rounds, "rounds_to_target": reached,
+           "train_seconds_to_target": "" if reached == "" else
+           round(float(seconds[:reached].sum()), 1),
+           "bytes_to_target": common["bytes_to_target"],
+           "final_accuracy": common["final_accuracy"],
+           "final_client_mean_accuracy": history.get("val_client_mean_accuracy", [""])[-1],
+           "final_client_local_accuracy": history.get("val_client_local_accuracy", [""])[-1],
+           "aggregate_gain": common["aggregate_gain"]
+           if "val_client_mean_accuracy" in history else "",
            "median_round_seconds": round(float(np.median(seconds)), 2),
            "train_seconds": round(float(seconds.sum()), 1),
-           "wall_seconds": round(wall_seconds, 1)}
+           "wall_seconds": common["wall_seconds"]}
     for r in CHECKPOINT_ROUNDS:
         row[f"accuracy_r{r}"] = float(acc[r - 1]) if len(acc) >= r else ""
     return row
