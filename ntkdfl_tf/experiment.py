@@ -51,6 +51,7 @@ class Config:
     jacobian_chunk: int = 128
     jit_compile: bool = False
     flow: str = "dopri5"
+    flow_budget: int = 0  # NTK-DFL: most Euler sub-steps per grid step a flow may ask; 0: none
     # baselines (DFedAvg family); None keeps each algorithm's documented default
     local_learning_rate: float = None
     batch_size: int = None
@@ -104,10 +105,13 @@ PRESETS = {
                              taus=(100,), logdir="runs/paper_single_tau"),
     # The Byzantine matrix (launchers/byzantine.py): 100 clients, 30 rounds, one candidate tau
     # and m = 6, which keeps an NTK-DFL run near a minute here. The flow is pinned so that the
-    # cells of a matrix run across sessions stay comparable.
+    # cells of a matrix run across sessions stay comparable. Honest kernels here ask 2-4 Euler
+    # sub-steps per grid step; the budget of 32 stops a stiff (Byzantine) kernel from costing
+    # a round 10-40x its honest time (docs/byzantine.md).
     "byzantine": dict(num_clients=100, alpha=0.1, num_neighbors=5, samples_per_client=200,
                       rounds=30, jacobian_batches=6, client_batch=25, jit_compile=True,
-                      taus=(100,), flow="euler_adaptive", verbose=0, logdir="runs/byzantine"),
+                      taus=(100,), flow="euler_adaptive", flow_budget=32, verbose=0,
+                      logdir="runs/byzantine"),
 }
 
 
@@ -134,6 +138,7 @@ def make_algorithm(cfg, **overrides):
                         per_round_averaging=cfg.per_round_averaging, packages=cfg.packages,
                         jacobian_batches=cfg.jacobian_batches, client_batch=cfg.client_batch,
                         jit_compile=cfg.jit_compile, flow=cfg.flow,
+                        flow_budget=cfg.flow_budget or None,
                         jacobian_chunk=cfg.jacobian_chunk)
         return algorithms.NTKDFL(**{**settings, **overrides})
     local = {"learning_rate": cfg.local_learning_rate, "batch_size": cfg.batch_size,

@@ -218,7 +218,7 @@ def _linear_setup(loss, eta, tau, d=4, **options):
     worker = NTKDFL(learning_rate=eta, taus=(tau,), loss=loss, **options).make_worker(fns)
     worker.bind(clients)
     h = kernels.make_kernel(fns, "dense")(weights, clients.features, clients.mask)
-    new, cand_loss, tau_index, _, _, monotone = worker._evolve(
+    new, cand_loss, tau_index, _, _, monotone, _, _ = worker._evolve(
         weights, weights, clients.features, clients.labels, clients.mask, h,
         tf.constant(eta, tf.float32), tf.ones((B, N)), tf.zeros((B, N, C)), tf.constant(False),
         None)

@@ -147,6 +147,47 @@ def test_divergence_is_reported_with_round_and_client(tiny):
         trainer.fit(clients, rounds=1, verbose=0)
 
 
+def test_flow_budget_leaves_the_clients_it_cannot_afford_unevolved(tiny):
+    """Isolated clients at the initial weights: a client whose kernel asks more Euler sub-steps
+    per grid step than ``flow_budget`` (counted from an explicit eigendecomposition of J J^T)
+    keeps its weights; every other client evolves exactly as without a budget."""
+    clients, test = tiny
+    eta = 0.1  # asks 12-22 sub-steps per grid step here
+
+    def run(budget):
+        trainer = nd.DecentralizedTrainer(
+            nd.models.mlp,
+            nd.algorithms.NTKDFL(learning_rate=eta, taus=(20, 50), flow_budget=budget),
+            nd.topology.ErdosRenyi(0.0), seed=0)
+        history = trainer.fit(clients, rounds=1, validation_data=test, verbose=0)
+        return trainer, history.history
+
+    free, h_free = run(None)
+    fns, start = free.fns, [tf.constant(w) for w in free.initial_weights]
+    asks = []
+    for k in range(len(clients.counts)):
+        x = fns.features(clients.x[k, :int(clients.counts[k])])
+        jac = np.concatenate([j.numpy().reshape(len(x), fns.num_classes, -1).astype(np.float64)
+                              for j in nd.kernels.jacobian(fns, start, x)], -1)
+        h = np.einsum("icp,jcp->ij", jac, jac) / fns.num_classes  # the output-traced kernel
+        asks.append(np.ceil(1.1 * np.linalg.eigvalsh(h)[-1] / len(x) * eta / 2))
+    asks = np.array(asks)
+    budget = int(np.median(asks))
+    within, over = asks <= budget, asks >= budget + 2  # power iteration may round the rest down
+    assert within.any() and over.any()
+    bounded, h_bounded = run(budget)
+    assert over.sum() <= h_bounded["flow_over_budget"][0] <= len(asks) - within.sum()
+    assert h_free["flow_over_budget"] == [0.0]
+    assert h_bounded["flow_bound_max"][0] == pytest.approx(asks.max(), abs=1)
+    for b, f, w0 in zip(bounded.client_weights, free.client_weights, free.initial_weights):
+        w0 = np.asarray(w0)
+        np.testing.assert_array_equal(b.numpy()[over], np.broadcast_to(w0, b.numpy()[over].shape))
+        np.testing.assert_allclose(b.numpy()[within], f.numpy()[within], rtol=1e-5, atol=1e-6)
+        assert not np.allclose(f.numpy()[over], w0)
+    with pytest.raises(nd.DivergenceError, match=r"round 1: every client.*flow_budget=1 "):
+        run(1)
+
+
 def test_cnn_trains_through_the_explicit_kernel(tiny):
     """A non-Dense model goes through GradientTape Jacobians end to end, with evaluation."""
     clients, test = tiny

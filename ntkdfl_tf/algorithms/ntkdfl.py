@@ -88,6 +88,10 @@ class EvolveResult(typing.NamedTuple):
         flow_loss: the loss the linearised flow predicted at the chosen tau.
         redone: slices redone with the bound step (``flow="euler_adaptive"``).
         clipped, dropped: package slots the screen clipped and dropped, over the slices.
+        over_budget: member-slices left unevolved because their kernel exceeded
+            ``NTKDFL.flow_budget`` (their tau is reported as 0).
+        bound_max: the most Euler sub-steps per grid step any member-slice's kernel asked
+            (``kernels.client_substeps``, what ``flow_budget`` is compared with).
     """
 
     weights: list
@@ -98,6 +102,8 @@ class EvolveResult(typing.NamedTuple):
     redone: int
     clipped: int = 0
     dropped: int = 0
+    over_budget: int = 0
+    bound_max: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,6 +154,14 @@ class NTKDFL(base.Algorithm):
             Jacobian-batching slice) and the kernel, the update J^T R, the labels and (without
             batching) the flow's start come from its arrays; the same update, for codecs that
             need J.
+        flow_budget: a bound on each client's flow cost, in Euler sub-steps per grid step by
+            the stability bound ceil(1.1 eta lambda_max(H/N) / 2) (``kernels.client_substeps``).
+            A slice whose kernel asks more, as one inflated by a Byzantine neighbour's weights
+            or Jacobians does, is not evolved: the client keeps its weights for that slice and
+            the round logs it in ``flow_over_budget`` (and in ``flow_bound_max`` the most any
+            kernel asked). None (default): no bound, the flow takes what the kernel asks. Set
+            it above what honest rounds ask (``flow_bound_max`` without an attack) when
+            neighbours may be Byzantine; the ``byzantine`` preset does.
     """
 
     learning_rate: typing.Any = 0.01
@@ -161,6 +175,7 @@ class NTKDFL(base.Algorithm):
     jit_compile: bool = False
     flow: str = "dopri5"
     packages: str = "lazy"
+    flow_budget: typing.Optional[int] = None
 
     name: typing.ClassVar[str] = "ntk_dfl"
 
@@ -187,6 +202,10 @@ class NTKDFL(base.Algorithm):
                              "cannot be combined with kernel='matrix_free'.")
         for name in ("client_batch", "jacobian_chunk", "jacobian_batches"):
             base.positive_int(name, getattr(self, name))
+        if self.flow_budget is not None and (
+                not isinstance(self.flow_budget, (int, np.integer)) or self.flow_budget < 1):
+            raise ValueError(f"flow_budget must be a positive integer (Euler sub-steps per grid "
+                             f"step) or None for no bound, got {self.flow_budget!r}.")
         if not callable(self.learning_rate):
             base.learning_rate_at(self.learning_rate, 0)  # validates now rather than at round 0
 
@@ -258,6 +277,14 @@ class NTKDFL(base.Algorithm):
             base.scatter_groups(groups, [getattr(res, f) for res in results], k, np.float64)
             for f in ("loss", "tau", "flow_loss"))
         substeps = [s for res in results for s in res.substeps]
+        over_budget = sum(res.over_budget for res in results)
+        if over_budget and over_budget == k * max(len(res.substeps) for res in results):
+            raise DivergenceError(
+                f"NTK-DFL round {round_input.index + 1}: every client's kernel asked more than "
+                f"flow_budget={self.flow_budget} Euler sub-steps per grid step (up to "
+                f"{max(res.bound_max for res in results):.0f}), so no client evolved; lower "
+                f"learning_rate (now {eta}) or raise flow_budget.",
+                round=round_input.index + 1, clients=list(range(k)))
         if not np.isfinite(losses).all():
             bad = np.flatnonzero(~np.isfinite(losses))
             raise DivergenceError(
@@ -270,7 +297,9 @@ class NTKDFL(base.Algorithm):
         logs = {"loss": float(np.mean(losses)), "tau": float(np.mean(chosen)), "eta": eta,
                 "flow_loss": float(np.mean(flow_losses)), "model_loss": float(np.mean(losses)),
                 "euler_substeps": float(np.mean(substeps)),
-                "flow_fallbacks": float(sum(res.redone for res in results))}
+                "flow_fallbacks": float(sum(res.redone for res in results)),
+                "flow_over_budget": float(over_budget),
+                "flow_bound_max": max(res.bound_max for res in results)}
         if screened:  # package slots (per slice) the screen clipped or dropped this round
             logs["packages_clipped"] = float(sum(res.clipped for res in results))
             logs["packages_dropped"] = float(sum(res.dropped for res in results))

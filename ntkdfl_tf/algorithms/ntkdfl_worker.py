@@ -25,6 +25,8 @@ class SliceResult(typing.NamedTuple):
     flow_loss: tf.Tensor
     monotone: tf.Tensor  # euler_adaptive: every flow loss finite and non-increasing (else: redo
     # with the bound); Dormand-Prince: every client reached the last tau
+    bound: tf.Tensor  # [B] Euler sub-steps per grid step the kernel asks (kernels.client_substeps)
+    over_budget: tf.Tensor  # [B] bool: ``bound`` above ``flow_budget``: the weights were kept
 
 
 class NTKDFLWorker(base.Worker):
@@ -63,7 +65,8 @@ class NTKDFLWorker(base.Worker):
         algorithm = self.algorithm
         weights = [tf.constant(a) for a in call.weights]
         current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
-        clipped = dropped = 0
+        clipped = dropped = over_budget = 0
+        bound_max = 0.0
         eta = tf.constant(context.eta, tf.float32)
         redo_rising = algorithm.flow == "euler_adaptive"  # the only flow without a guarantee
         codec = context.codec
@@ -129,10 +132,14 @@ class NTKDFLWorker(base.Worker):
             current = result.weights
             losses.append(result.loss.numpy())
             flow_losses.append(result.flow_loss.numpy())
-            taus.append(np.asarray(algorithm.taus)[result.tau_index.numpy()])
+            over = result.over_budget.numpy()
+            taus.append(np.where(over, 0, np.asarray(algorithm.taus)[result.tau_index.numpy()]))
             substeps.append(float(result.substeps))
+            over_budget += int(over.sum())
+            bound_max = max(bound_max, float(tf.reduce_max(result.bound)))
         return EvolveResult([v.numpy() for v in current], np.mean(losses, 0), np.mean(taus, 0),
-                            substeps, np.mean(flow_losses, 0), redone, clipped, dropped)
+                            substeps, np.mean(flow_losses, 0), redone, clipped, dropped,
+                            over_budget, bound_max)
 
     def tamper(self, call, attack, packages, layout, rng, screen):
         """``receive``'s packages with the tampered slots' arrays as their Byzantine senders
@@ -213,6 +220,14 @@ class NTKDFLWorker(base.Worker):
         taus = tf.constant(algorithm.taus, tf.int32)
         if self.matrix_free:
             h = self.kernel.operator(linearised, feats, mask)
+        bound = kernels.client_substeps(h, n, eta, mask=mask)
+        over = tf.zeros(tf.shape(n), tf.bool)
+        if algorithm.flow_budget is not None and not loss.closed_form:
+            # a compute bound: a slice whose kernel is too stiff to integrate within the budget
+            # (an inflated kernel is a cheap Byzantine lever) is not evolved; its flow is
+            # emptied so that it does not set the batch's Euler step either
+            over = bound > algorithm.flow_budget
+            h = _without(h, over)
         if received is None:  # lazy packages: evaluated here from the senders' samples
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(linearised)
@@ -266,8 +281,23 @@ class NTKDFLWorker(base.Worker):
         new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
                for v in range(len(weights))]
         flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
-        return SliceResult(new, tf.gather(tf.transpose(cand_losses), best, batch_dims=1), best,
-                           substeps, flow_loss, monotone)
+        chosen_loss = tf.gather(tf.transpose(cand_losses), best, batch_dims=1)
+        if algorithm.flow_budget is not None:  # over budget: the slice leaves the weights as is
+            kept = tf.cond(tf.reduce_any(over),
+                           lambda: loss.mean(fns.forward(weights, feats), labels, mask),
+                           lambda: chosen_loss)
+            new = [tf.where(tf.reshape(over, [-1] + [1] * (len(w.shape) - 1)), w, c)
+                   for w, c in zip(weights, new)]
+            chosen_loss, flow_loss = tf.where(over, kept, chosen_loss), tf.where(over, kept,
+                                                                                 flow_loss)
+        return SliceResult(new, chosen_loss, best, substeps, flow_loss, monotone, bound, over)
+
+
+def _without(h, drop):
+    """The kernel ``h`` (tensor or operator) with the clients ``drop`` [B] bool emptied."""
+    if callable(h):
+        return lambda v: tf.where(drop[:, None, None], tf.zeros_like(v), h(v))
+    return tf.where(drop[:, None, None], tf.zeros_like(h), h)
 
 
 class ReceivedPackages(tf.experimental.ExtensionType):

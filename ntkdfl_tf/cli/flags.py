@@ -41,6 +41,9 @@ _HELP = {
     "flow": "NTK-DFL cross-entropy flow integrator: dopri5 (Dormand-Prince, rtol 1e-4), exact "
             "(the same, rtol 1e-6), euler_adaptive (Euler steps from the flow's stiffness, "
             "redone with the bound if the flow loss rises) or euler_bound (lambda_max(H/N)/2).",
+    "flow_budget": "NTK-DFL compute bound: a slice whose kernel asks more Euler sub-steps per "
+                   "grid step than this (eta lambda_max(H/N)/2, e.g. a Byzantine-inflated "
+                   "kernel) is not evolved; 0: no bound.",
     "local_learning_rate": "Baselines: local SGD learning rate.",
     "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines: local epochs.",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",

@@ -47,15 +47,21 @@ def lambda_max(h, iterations=30, mask=None):
     return tf.reduce_sum(v * apply(v), axis=[1, 2])
 
 
-def euler_substeps(h, n, eta, iterations=30, mask=None):
-    """Euler sub-steps per grid step so that dt * lambda_max(H/N) / 2 <= 1 for every client.
+def client_substeps(h, n, eta, iterations=30, mask=None):
+    """[B] float: each client's Euler sub-steps per grid step, ceil(1.1 lambda_max(H/N) eta / 2).
 
-    Softmax's Jacobian has eigenvalues <= 1/2, so this keeps the explicit step inside its
-    stability region with margin (NTK-DFL.md: same curve as 5x finer steps). Power iteration
-    slightly underestimates lambda_max, hence the 10% margin.
+    Softmax's Jacobian has eigenvalues <= 1/2, so dt * lambda_max(H/N) / 2 <= 1 keeps the
+    explicit step inside its stability region with margin (NTK-DFL.md: same curve as 5x finer
+    steps) for any f. Power iteration slightly underestimates lambda_max, hence the 10% margin.
     """
     lam = lambda_max(h, iterations, mask) / n * 1.1
-    return tf.maximum(1, tf.cast(tf.math.ceil(tf.reduce_max(lam) * eta / 2.0), tf.int32))
+    return tf.maximum(1.0, tf.math.ceil(lam * eta / 2.0))
+
+
+def euler_substeps(h, n, eta, iterations=30, mask=None):
+    """Euler sub-steps per grid step that keep every client's step stable (``client_substeps``,
+    the largest over the batch): int32 scalar."""
+    return tf.cast(tf.reduce_max(client_substeps(h, n, eta, iterations, mask)), tf.int32)
 
 
 def flow_stiffness(h, f, mask, n, loss="cross_entropy", iterations=30, start=None):
