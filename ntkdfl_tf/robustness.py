@@ -140,6 +140,27 @@ def headline_from(rows):
     return out
 
 
+def parse_headline(text):
+    """``"ntk_dfl=jacobian_sign_flip/balance+screen,dfedavg=ipm:epsilon=100/clipping"`` ->
+    ``{algorithm: (attack, attack_params, best_defence)}``, the form ``headline_from`` gives
+    (for the parts that need it before the ``attacks`` part is complete)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        alg, _, rest = item.partition("=")
+        attack, slash, defence = rest.rpartition("/")
+        attack, _, params = attack.partition(":")
+        if not (alg and attack and slash and defence):
+            raise ValueError(f"headline item {item!r}: write algorithm=attack[:params]/defence, "
+                             "e.g. ntk_dfl=jacobian_sign_flip/balance+screen.")
+        if attack not in dict(attacks_for(alg)) or defence not in defences_for(alg):
+            raise ValueError(f"headline item {item!r}: {alg} has no attack {attack!r} or "
+                             f"defence {defence!r} in the matrix; attacks: "
+                             f"{', '.join(dict(attacks_for(alg)))}; defences: "
+                             f"{', '.join(defences_for(alg))}.")
+        out[alg] = (attack, params, defence)
+    return out
+
+
 def config(base, cell, logdir):
     """The ``experiment.Config`` of ``cell`` under ``base`` (a defended cell also takes the
     robust final aggregate)."""

@@ -308,6 +308,20 @@ def test_the_matrix_parts_are_complete():
     assert robustness.headline_from(rows[:2] + [trimmed]) == {}
 
 
+def test_a_headline_given_by_hand_parses_into_headline_froms_form():
+    got = robustness.parse_headline("ntk_dfl=ipm:epsilon=100/balance+screen, "
+                                    "dfedavg=gaussian/clipping")
+    assert got == {"ntk_dfl": ("ipm", "epsilon=100", "balance+screen"),
+                   "dfedavg": ("gaussian", "", "clipping")}
+    cells = robustness.cells("fractions", headline=got)
+    assert robustness.Cell("ntk_dfl", "ipm", "epsilon=100", "balance+screen", 0.3) in cells
+    for bad, match in [("ntk_dfl=gaussian", "algorithm=attack"),
+                       ("dfedavg=label_flip/none", "no attack 'label_flip'"),
+                       ("dfedavg=gaussian/screen", "defence 'screen'")]:
+        with pytest.raises(ValueError, match=match):
+            robustness.parse_headline(bad)
+
+
 def test_a_cell_summary_and_its_table_read_the_last_round():
     cell = robustness.Cell("dfedavg", "alie", "", "median", 0.2)
     history = {"val_accuracy": [0.5, 0.6], "val_honest_accuracy": [0.55, 0.65],

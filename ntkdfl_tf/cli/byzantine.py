@@ -22,6 +22,10 @@ flags.DEFINE_enum("part", "attacks", list(robustness.PARTS), "Which part of the 
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms of the matrix.")
 flags.DEFINE_float("fraction", 0.2, "Byzantine share of the attacks and seeds parts.")
 flags.DEFINE_string("only", None, "Run only the cells whose name contains this text.")
+flags.DEFINE_string("headline", None, "For the fractions, seeds and dpsgd parts: each algorithm's "
+                    "strongest attack and best defence, e.g. ntk_dfl=jacobian_sign_flip/"
+                    "balance+screen,dfedavg=gaussian/clipping (default: read from the attacks "
+                    "rows).")
 FLAGS = flags.FLAGS
 
 
@@ -30,8 +34,9 @@ def main(argv):
     if FLAGS["preset"].using_default_value:
         FLAGS.preset = "byzantine"
     values = cli_flags.config_values(skip=SWEPT)
+    headline = robustness.parse_headline(FLAGS.headline) if FLAGS.headline else None
     robustness.run_part(experiment.Config(**values), FLAGS.part, FLAGS.algorithms,
-                        FLAGS.fraction, only=FLAGS.only)
+                        FLAGS.fraction, headline=headline, only=FLAGS.only)
 
 
 def run():
