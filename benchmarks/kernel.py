@@ -1,6 +1,7 @@
 """Traced-NTK implementations against the naive explicit-Jacobian contraction.
 
     python benchmarks/kernel.py --sizes=200,1200,3000
+    python benchmarks/kernel.py --model=cnn --sizes=200,1200 --repeats=2
 
 For each N (the first N Fashion-MNIST training images, MLP 784-100-10 at its initial weights,
 one client) and each implementation of ``ntkdfl_tf.kernels.KERNELS`` plus the naive reference
@@ -13,6 +14,12 @@ contraction, and the largest deviation from the reference H, relative to max |H|
 The matrix-free kernel never forms H: its line times building the operator plus one product
 with a [N, C] block (what the flow needs per Euler step), next to the dense kernel's stored
 H @ v, and its deviation is that of H v.
+
+``--model=cnn`` (``nd.models.cnn`` at its initial weights, raw Fashion-MNIST images): the
+explicit kernel (per-sample Jacobians, today's "auto" before the conv kernel) against the
+structured ``conv`` kernel, both in chunks of ``--chunk`` samples, same fields without GFLOP/s;
+the reference is ``explicit`` (the naive J [N, C, P] would take 8.6 GB at N = 1,200) and the
+speed-up is against it.
 
 The naive reference runs with ``TF_ENABLE_ONEDNN_OPTS=0``: with oneDNN on, TensorFlow 2.21
 segfaults in its whole-batch ``tape.jacobian`` on this machine (seen 2026-11-28).
@@ -35,7 +42,10 @@ import time
 import numpy as np
 from absl import app, flags
 
+flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "mlp: every kernel against the naive "
+                  "contraction; cnn: the explicit against the conv kernel.")
 flags.DEFINE_list("sizes", ["200", "1200", "3000"], "Neighbourhood sizes N.")
+flags.DEFINE_integer("chunk", 128, "Samples per block of the explicit and conv kernels.")
 flags.DEFINE_integer("repeats", 3, "Timed calls after the warm-up call.")
 flags.DEFINE_integer("naive_max_n", 1200, "Largest N for the naive reference (its J is "
                      "4 N C P bytes: 3.8 GB at 1,200, 9.5 GB at 3,000); above it the reference "
@@ -73,7 +83,8 @@ def measure(kind, n):
 
     (x, _), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
     keras.utils.set_random_seed(0)  # every measurement process builds the same initial weights
-    fns = ModelFunctions(nd.models.mlp("fashion_mnist"))
+    fns = ModelFunctions(nd.models.mlp("fashion_mnist") if FLAGS.model == "mlp"
+                         else nd.models.cnn("fashion_mnist"))
     weights = [tf.constant(w[None]) for w in fns.initial_weights()]
     feats = fns.features(x[:n])[None]
     mask = tf.ones((1, n))
@@ -92,7 +103,8 @@ def measure(kind, n):
         kernel = kernels.make_kernel(fns, kind)
         call = tf.function(lambda: kernel.operator(weights, feats, mask)(v))
     else:
-        kernel = kernels.make_kernel(fns, kind)
+        options = {"chunk": FLAGS.chunk} if kind in ("explicit", "conv") else {}
+        kernel = kernels.make_kernel(fns, kind, **options)
         call = lambda: kernel(weights, feats, mask)  # noqa: E731  (already a tf.function)
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -116,14 +128,15 @@ def measure(kind, n):
     return {"kernel": kind, "n": n, "seconds_median": statistics.median(times),
             "first_call_seconds": first, "rss_before_mb": rss_before,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "gflops": flops(kind, n, fns.num_params) / statistics.median(times) / 1e9,
+            **({"gflops": flops(kind, n, fns.num_params) / statistics.median(times) / 1e9}
+               if FLAGS.model == "mlp" else {"chunk": FLAGS.chunk}),
             **extra}, out, v.numpy()
 
 
 def run_single():
     kind, n = FLAGS.single.split(",")
     result, out, v = measure(kind, int(n))
-    np.save(f"/tmp/ntk_kernel_{kind}_{n}.npy", out)
+    np.save(f"/tmp/ntk_kernel_{FLAGS.model}_{kind}_{n}.npy", out)
     np.save(f"/tmp/ntk_kernel_v_{n}.npy", v)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -134,17 +147,21 @@ def main(argv):
         return run_single()
     import ntkdfl_tf.kernels as kernels
 
+    # the conv kernel is for Conv2D stacks (on the MLP it repeats the dense kernel's closed form)
+    candidates = (["naive"] + [k for k in kernels.KERNELS if k != "conv"]
+                  if FLAGS.model == "mlp" else ["explicit", "conv"])
     for n in (int(s) for s in FLAGS.sizes):
-        kinds = ["naive"] if n <= FLAGS.naive_max_n else []
-        kinds += [k for k in kernels.KERNELS if k != "explicit" or n <= FLAGS.explicit_max_n]
-        skipped = [k for k in ["naive"] + list(kernels.KERNELS) if k not in kinds]
+        kinds = [k for k in candidates if (k != "naive" or n <= FLAGS.naive_max_n)
+                 and (k != "explicit" or n <= FLAGS.explicit_max_n)]
+        skipped = [k for k in candidates if k not in kinds]
         if skipped:
             print(json.dumps({"n": n, "skipped": skipped, "why": "above --naive_max_n / "
                               "--explicit_max_n (memory or time on this machine)"}), flush=True)
         results, arrays = {}, {}
         for kind in kinds:
             cmd = [sys.executable, os.path.abspath(__file__), f"--single={kind},{n}",
-                   f"--repeats={FLAGS.repeats}"] + (
+                   f"--repeats={FLAGS.repeats}", f"--model={FLAGS.model}",
+                   f"--chunk={FLAGS.chunk}"] + (
                        [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
             # TF 2.21's oneDNN path segfaults in the naive whole-batch Jacobian on this machine
             env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0") if kind == "naive" else None
@@ -155,7 +172,8 @@ def main(argv):
                                   "stderr_tail": proc.stderr[-400:]}), flush=True)
                 continue
             results[kind] = json.loads(lines[0][7:])
-            arrays[kind] = np.load(f"/tmp/ntk_kernel_{kind}_{n}.npy").astype(np.float64)
+            arrays[kind] = np.load(f"/tmp/ntk_kernel_{FLAGS.model}_{kind}_{n}.npy").astype(
+                np.float64)
         v = np.load(f"/tmp/ntk_kernel_v_{n}.npy").astype(np.float64)
         reference = next((k for k in ("naive", "explicit", "dense") if k in arrays), None)
         ref = arrays.get(reference)
@@ -165,9 +183,10 @@ def main(argv):
                 want = ref @ v if kind == "matrix_free" else ref
                 result["reference"] = reference
                 result["max_rel_deviation"] = float(np.abs(got - want).max() / np.abs(want).max())
-            if "naive" in results:
-                result["speedup_vs_naive"] = (results["naive"]["seconds_median"]
-                                              / result["seconds_median"])
+            baseline = "naive" if FLAGS.model == "mlp" else "explicit"
+            if baseline in results:
+                result[f"speedup_vs_{baseline}"] = (results[baseline]["seconds_median"]
+                                                    / result["seconds_median"])
             print(json.dumps({k: (round(x, 6) if isinstance(x, float) else x)
                               for k, x in result.items()}), flush=True)
 

@@ -166,7 +166,7 @@ def test_make_kernel_rejects_dense_for_cnn_and_unknown_kind():
     assert not fns.is_dense_stack
     with pytest.raises(ValueError, match="explicit"):
         kernels.make_kernel(fns, "dense")
-    assert isinstance(kernels.make_kernel(fns), kernels.ExplicitNTK)  # auto falls back
+    assert isinstance(kernels.make_kernel(fns), kernels.ConvNTK)  # auto: the conv kernel
     with pytest.raises(ValueError, match="'nope'"):
         kernels.make_kernel(fns, "nope")
 
@@ -213,7 +213,7 @@ def test_matrix_free_operator_equals_dense_kernel_products_inside_a_loop():
 
 @pytest.mark.parametrize("kind", ("explicit", "auto"))
 def test_cnn_explicit_kernel_matches_direct_jacobian_product(kind):
-    """nd.models.cnn through make_kernel (explicit; auto falls back to it) equals H = (1/C) sum_c
+    """nd.models.cnn through make_kernel (explicit; auto, the conv kernel) equals H = (1/C) sum_c
     J_c J_c^T formed from per-sample, per-logit GradientTape gradients of the Keras model itself,
     for two clients with distinct weights, a padded sample and a chunk smaller than N."""
     keras.utils.set_random_seed(0)

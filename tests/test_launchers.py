@@ -23,7 +23,7 @@ def _run(script, *args):
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_train_writes_history_tensorboard_and_model(tmp_path, model):
-    """``--model=cnn`` goes through the explicit kernel; the MLP through the dense one."""
+    """``--model=cnn`` goes through the conv kernel; the MLP through the dense one."""
     out = _run("train.py", *TINY, f"--model={model}", f"--logdir={tmp_path}/logs",
                f"--save_dir={tmp_path}/models")
     assert out.returncode == 0, out.stderr[-3000:]

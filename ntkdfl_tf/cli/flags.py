@@ -27,7 +27,8 @@ _HELP = {
     "learning_rate": "NTK-DFL grid step eta.",
     "lr_decay": "NTK-DFL: eta_r = learning_rate * exp(-lr_decay * r).",
     "taus": "NTK-DFL candidate evolution times, in grid steps.", "loss": "cross_entropy or mse.",
-    "kernel": "auto (dense for Dense stacks, else explicit), dense, explicit or matrix_free.",
+    "kernel": "auto (dense for Dense stacks, conv for Conv2D/Dense chains, else explicit), dense, "
+              "conv, explicit or matrix_free.",
     "per_round_averaging": "Neighbour averaging each round (off: the paper's ablation).",
     "packages": "NTK-DFL Jacobian packages: lazy (evaluated from the senders' samples, no J "
                 "formed) or explicit (J, logits and labels formed as arrays per slice).",
