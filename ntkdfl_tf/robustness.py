@@ -23,6 +23,7 @@ import typing
 import numpy as np
 
 from ntkdfl_tf import data, experiment
+from ntkdfl_tf.errors import DivergenceError
 from ntkdfl_tf.callbacks.history_csv import read_history
 from ntkdfl_tf.io import atomic_open, read_csv, save_figure, write_csv
 
@@ -38,7 +39,7 @@ FIELDS = ("cell", "part", "algorithm", "attack", "attack_params", "defence", "fr
           "alpha", "rounds", "honest_aggregate", "honest_client_mean", "honest_worst10",
           "aggregate", "aggregate_kept", "aggregate_kept_byzantine", "delta_max_mean",
           "delta_max_max", "packages_dropped", "packages_clipped", "bytes_sent",
-          "wall_seconds")
+          "wall_seconds", "diverged_round")
 
 
 class Cell(typing.NamedTuple):
@@ -172,8 +173,12 @@ def config(base, cell, logdir):
         save_dir=os.path.join(logdir, cell.name), run_name="model", stop_at_accuracy=0.0)
 
 
-def summarise(cell, part, history, seconds):
-    """One ``matrix.csv`` row from a finished run's history (dict of lists)."""
+def summarise(cell, part, history, seconds, diverged_round=None):
+    """One ``matrix.csv`` row from a finished run's history (dict of lists).
+
+    ``diverged_round``: the round in which the run raised ``DivergenceError`` (its history then
+    ends the round before; the accuracies are that round's), or None.
+    """
     h = {k: np.asarray(v, np.float64) for k, v in history.items()}
 
     def last(key, fallback=None):
@@ -200,7 +205,9 @@ def summarise(cell, part, history, seconds):
             if "byzantine_share_max" in h else "",
             "packages_dropped": mean("packages_dropped"),
             "packages_clipped": mean("packages_clipped"),
-            "bytes_sent": float(np.sum(h["bytes_sent"])), "wall_seconds": round(seconds, 1)}
+            "bytes_sent": float(np.sum(h["bytes_sent"])) if "bytes_sent" in h else "",
+            "wall_seconds": round(seconds, 1),
+            "diverged_round": "" if diverged_round is None else int(diverged_round)}
 
 
 def write_rows(path, rows):
@@ -232,10 +239,19 @@ def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headli
             continue
         print(f"[{part} {i + 1}/{len(todo)}] {c.name}", flush=True)
         start = time.perf_counter()
-        _, history = experiment.run(config(base, c, logdir), dataset=dataset)
-        history = history.history or read_history(os.path.join(logdir, c.name, "history.csv"))
+        history_csv = os.path.join(logdir, c.name, "history.csv")
+        diverged = None
+        try:
+            _, history = experiment.run(config(base, c, logdir), dataset=dataset)
+            history = history.history or read_history(history_csv)
+        except DivergenceError as e:
+            # an attack that makes the honest models blow up has won: that is the cell's
+            # result (the rounds before it are its history), not a reason to stop the part
+            print(f"[{part}] {c.name}: {e}", flush=True)
+            diverged = e.round
+            history = read_history(history_csv) if os.path.exists(history_csv) else {}
         rows = [r for r in read_csv(matrix_csv) if r["cell"] != c.name]
-        rows.append(summarise(c, part, history, time.perf_counter() - start))
+        rows.append(summarise(c, part, history, time.perf_counter() - start, diverged))
         write_rows(matrix_csv, rows)
     heatmap(rows, os.path.join(logdir, "heatmap.png"))
     with atomic_open(os.path.join(logdir, "matrix.md"), "w") as f:
@@ -259,12 +275,22 @@ def table(rows):
                      r["attack"] == attack and r["attack_params"] == params}
             if not cells:
                 continue
-            values = [f"{float(cells[d]['honest_aggregate']):.3f} / "
-                      f"{float(cells[d]['honest_worst10']):.3f}" if d in cells else "—"
-                      for d in defs]
+            values = [_cell_text(cells[d]) if d in cells else "—" for d in defs]
             out.append(f"| {attack} {params} | " + " | ".join(values) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _cell_text(row):
+    """``honest aggregate / worst-10%``, and the round a diverged run blew up in (its figures
+    are the round before's)."""
+    if row["honest_aggregate"] == "":
+        text = "no round"
+    else:
+        text = f"{float(row['honest_aggregate']):.3f} / {float(row['honest_worst10']):.3f}"
+    if row.get("diverged_round"):
+        return f"{text} (diverged in round {row['diverged_round']})"
+    return text
 
 
 def heatmap(rows, path):

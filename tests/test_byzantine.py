@@ -2,6 +2,7 @@
 metrics: every attack and defence changes what receivers compute, checked against references
 (hand counts, the lazy/explicit agreement, a receiver-by-receiver average)."""
 
+import os
 import types
 
 import numpy as np
@@ -352,6 +353,35 @@ def test_a_part_runs_its_cells_resumes_and_writes_its_table(tmp_path, monkeypatc
     monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("ran a finished cell"))
     again = robustness.run_part(base, "no_attack", ("dfedavg",), only="_median_")
     assert [r["cell"] for r in again] == [r["cell"] for r in rows]
+
+
+def test_a_cell_that_diverges_is_a_row_and_the_part_goes_on(tmp_path, monkeypatch):
+    """The honest models blowing up under an attack is a result: the cell gets a row with the
+    round before's figures and its divergence round, the next cell still runs, and the table
+    says so."""
+    base = experiment.Config(algorithm="dfedavg", num_clients=8, samples_per_client=30,
+                             num_neighbors=2, rounds=3, local_epochs=1, verbose=0,
+                             logdir=str(tmp_path))
+    real_run = experiment.run
+
+    def run(cfg, dataset=None):
+        if "_median_" not in cfg.logdir:
+            return real_run(cfg, dataset)
+        os.makedirs(cfg.logdir, exist_ok=True)  # two good rounds, then the blow-up
+        with open(os.path.join(cfg.logdir, "history.csv"), "w") as f:
+            f.write("round,val_accuracy,val_client_mean_accuracy,val_client_worst10_accuracy,"
+                    "bytes_sent\n1,0.5,0.4,0.2,7\n2,0.6,0.5,0.3,7\n")
+        raise nd.DivergenceError("dfedavg diverged in round 3", round=3)
+
+    monkeypatch.setattr(experiment, "run", run)
+    rows = robustness.run_part(base, "no_attack", ("dfedavg",), only="_m")  # median, then mean
+    by_cell = {r["cell"]: r for r in rows}
+    diverged = by_cell["dfedavg_none_median_f0_s0_a0.1"]
+    assert (int(diverged["diverged_round"]), int(diverged["rounds"])) == (3, 2)
+    assert (float(diverged["honest_aggregate"]), float(diverged["honest_worst10"])) == (0.6, 0.3)
+    assert by_cell["dfedavg_none_trimmed_mean_f0_s0_a0.1"]["diverged_round"] == ""
+    assert int(by_cell["dfedavg_none_trimmed_mean_f0_s0_a0.1"]["rounds"]) == 3
+    assert "0.600 / 0.300 (diverged in round 3)" in (tmp_path / "matrix.md").read_text()
 
 
 def test_read_history_is_what_history_csv_wrote(tmp_path):
