@@ -301,8 +301,16 @@ def run(cfg, dataset=None):
     validate(cfg)
     run_name = cfg.run_name or os.path.basename(os.path.normpath(cfg.logdir))
     t0 = time.perf_counter()
-    (x_train, y_train), (x_test, y_test) = dataset or data.load(cfg.dataset, data_dir=cfg.data_dir)
+    source = None
+    if not dataset:
+        dataset = data.load(cfg.dataset, data_dir=cfg.data_dir)
+        # Ray actors load their clients' samples from these files on their own nodes
+        source = data.DatasetSource(cfg.dataset,
+                                    os.path.abspath(cfg.data_dir) if cfg.data_dir else None)
+    (x_train, y_train), (x_test, y_test) = dataset
     clients = partition(cfg, x_train, y_train)
+    if source is not None:
+        clients = clients.with_source(source)
     trainer = make_trainer(cfg, (x_train, y_train))
     final = callbacks.FinalAggregation(cfg.save_dir, run_name)
     history_path = os.path.join(cfg.logdir, "history.csv")

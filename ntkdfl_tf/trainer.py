@@ -135,27 +135,26 @@ class DecentralizedTrainer:
         self._eval_fn = tf.function(self._eval_group)
 
     # -- data ---------------------------------------------------------------------------------
-    def _client_tensors(self, clients):
+    @staticmethod
+    def _client_data(clients):
+        """``clients`` as ClientData (a list of per-client ``(x, y)`` pairs is stacked)."""
         if isinstance(clients, (list, tuple)):
             clients = ClientData.from_arrays(clients)
         if not isinstance(clients, ClientData):
             raise TypeError("clients must be ClientData (from ntkdfl_tf.data partitioners) or a "
                             f"list of (x, y) pairs, got {type(clients).__name__}.")
+        return clients
+
+    def _client_tensors(self, clients):
+        clients = self._client_data(clients)
         self.check_inputs(clients.x.reshape((-1,) + clients.x.shape[2:]), "client data")
         self.check_labels(clients.y, "client labels", ndim=2)
-        c = self.fns.num_classes
-        k, n_max = clients.y.shape
-        flat = clients.x.reshape((k * n_max,) + clients.x.shape[2:])
-        feats = tf.concat([self.fns.features(flat[i:i + 8192])
-                           for i in range(0, len(flat), 8192)], 0)
-        feats = tf.reshape(feats, [k, n_max] + feats.shape[1:].as_list())
-        mask = tf.constant(clients.mask)
-        labels = tf.one_hot(clients.y, c) * mask[..., None]
-        self._client_label_share = (tf.reduce_sum(labels, 1).numpy()
+        tensors = base.ClientTensors.from_client_data(clients, self.fns)
+        self._client_label_share = (tf.reduce_sum(tensors.labels, 1).numpy()
                                     / np.maximum(clients.counts, 1)[:, None])
         self._data_fingerprint = clients.fingerprint()
         self._sample_bytes = int(np.prod(clients.x.shape[2:])) * clients.x.dtype.itemsize
-        return base.ClientTensors(feats, labels, mask, clients.counts)
+        return tensors
 
     def check_inputs(self, x, what):
         """Raises ValueError unless ``x`` has the model's per-sample shape and is finite."""
@@ -186,7 +185,9 @@ class DecentralizedTrainer:
         """Runs communication rounds.
 
         Args:
-            clients: ClientData, or a list of per-client ``(x, y)`` pairs.
+            clients: ClientData, or a list of per-client ``(x, y)`` pairs. ClientData with a
+                source (``clients.with_source(nd.data.DatasetSource(...))``) lets Ray actors
+                load their clients' samples from the dataset files themselves.
             rounds: the round to stop before (like Keras ``epochs``): rounds
                 ``initial_round .. rounds-1`` run, so a second ``fit(rounds=20)`` after
                 ``fit(rounds=10)`` continues with rounds 10..19.
@@ -204,6 +205,7 @@ class DecentralizedTrainer:
         """
         if not isinstance(rounds, (int, np.integer)) or rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {rounds!r}.")
+        clients = self._client_data(clients)
         tensors = self._client_tensors(clients)
         k = tensors.num_clients
         self.topology.validate(k)
@@ -224,7 +226,9 @@ class DecentralizedTrainer:
             self.algorithm_state = self._initial_algorithm_state(k)
             self.round = 0
 
-        self.executor.start(self.algorithm, tensors, fns=self.fns, model_fn=self.model_fn)
+        # the ClientData too: with a DatasetSource, remote workers load their clients' samples
+        self.executor.start(self.algorithm, tensors, fns=self.fns, model_fn=self.model_fn,
+                            data=clients)
         for cb in callbacks or []:
             if hasattr(cb, "set_trainer"):
                 cb.set_trainer(self)

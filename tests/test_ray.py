@@ -57,23 +57,76 @@ def test_only_weights_cross_the_object_store_each_round(tiny, local_ray):
         assert 2 * weights <= sent - client_data < 2 * weights + 4096  # plus index arrays
 
 
-def test_actors_hold_their_block_and_their_neighbours_only(small_fashion, local_ray):
-    clients, test = small_fashion  # 20 clients on a ring: actor 0 serves 0-9, actor 1 10-19
+def _index_bytes(clients, ids):
+    """What a client weighs when the actors load the samples: its indices and a digest."""
+    return int(sum(8 * clients.counts[i] + 16 for i in ids))
 
-    def fit(executor):
-        algorithm = nd.algorithms.NTKDFL(taus=(20, 50), client_batch=5, jacobian_batches=2)
-        trainer = nd.DecentralizedTrainer(nd.models.mlp, algorithm, nd.topology.Ring(), seed=0,
-                                          executor=executor)
-        return trainer, trainer.fit(clients, rounds=2, verbose=0).history
 
-    remote, history = fit(local_ray)
+def _fit_ring(clients, executor):
+    algorithm = nd.algorithms.NTKDFL(taus=(20, 50), client_batch=5, jacobian_batches=2)
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, algorithm, nd.topology.Ring(), seed=0,
+                                      executor=executor)
+    return trainer, trainer.fit(clients, rounds=2, verbose=0).history
+
+
+@pytest.fixture(scope="module")
+def ring_local_weights(small_fashion):
+    return _fit_ring(small_fashion[0], "local")[0].client_weights
+
+
+@pytest.mark.parametrize("from_files", [False, True], ids=["object_store", "dataset_files"])
+def test_actors_hold_their_block_and_their_neighbours_only(small_fashion, local_ray,
+                                                           ring_local_weights, from_files):
+    clients, _ = small_fashion  # 20 clients on a ring: actor 0 serves 0-9, actor 1 10-19
+    if from_files:  # the actors read Fashion-MNIST themselves: only indices cross
+        clients = clients.with_source(nd.data.DatasetSource("fashion_mnist"))
+    remote, history = _fit_ring(clients, local_ray)
+    assert local_ray.actors_load_data == from_files
     assert local_ray.held_clients() == [list(range(0, 11)) + [19], [0] + list(range(9, 20))]
     # round 1: the blocks, plus the two ring neighbours across each boundary; round 2: the
     # same neighbours again, already held
-    assert history["client_data_bytes"] == [_client_bytes(clients, 20 + 4), 0]
-    local, _ = fit("local")
-    for a, b in zip(local.client_weights, remote.client_weights):
+    sent = list(range(20)) + [10, 19, 0, 9]
+    expected = _index_bytes(clients, sent) if from_files else _client_bytes(clients, len(sent))
+    assert history["client_data_bytes"] == [expected, 0]
+    for a, b in zip(ring_local_weights, remote.client_weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_source_that_does_not_describe_the_data_fails_loudly(tiny, local_ray):
+    clients, _ = tiny  # its indices point into small_fashion's stacked arrays, not the dataset
+    wrong = clients.with_source(nd.data.DatasetSource("fashion_mnist"))
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, ALGORITHMS["dfedavg"](),
+                                      nd.topology.RandomGraph(3), seed=0, executor=local_ray)
+    with pytest.raises(ValueError, match="differ from the driver's samples"):
+        trainer.fit(wrong, rounds=1, verbose=0)
+
+
+def test_only_partitioned_data_names_a_source(one_line_error):
+    own = nd.data.ClientData.from_arrays([(np.zeros((3, 28, 28, 1), np.uint8),
+                                           np.zeros(3, np.int64))])
+    one_line_error(own.with_source, nd.data.DatasetSource("fashion_mnist"), names=["indices"])
+    one_line_error(nd.data.DatasetSource, "fashion_mnist", None, None, "validation",
+                   names=["split", "validation"])
+
+
+def test_experiment_runs_name_the_dataset_their_clients_come_from(monkeypatch, tmp_path):
+    """So that the launchers' Ray actors load their samples from the files."""
+    from ntkdfl_tf import experiment
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fit(trainer, clients, **kwargs):
+        seen["source"] = clients.source
+        raise Stop
+
+    monkeypatch.setattr(nd.DecentralizedTrainer, "fit", fit)
+    with pytest.raises(Stop):
+        experiment.run(experiment.Config(num_clients=8, rounds=1, logdir=str(tmp_path / "logs"),
+                                         save_dir=str(tmp_path), verbose=0))
+    assert seen["source"] == nd.data.DatasetSource("fashion_mnist")
 
 
 def test_actor_killed_mid_round_is_restarted_and_the_round_retried(tiny, local_ray, monkeypatch):

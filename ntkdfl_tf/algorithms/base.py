@@ -38,6 +38,19 @@ class ClientTensors:
     counts: np.ndarray
     ids: np.ndarray = None
 
+    @classmethod
+    def from_client_data(cls, clients, fns, ids=None):
+        """``clients`` (a ClientData) in this form: ``fns.features`` of the inputs (8,192 rows
+        per call; the features are per sample, so any split gives the same values), one-hot
+        labels zeroed on padding rows, the mask and the counts."""
+        k, n_max = clients.y.shape
+        flat = clients.x.reshape((k * n_max,) + clients.x.shape[2:])
+        feats = tf.concat([fns.features(flat[i:i + 8192]) for i in range(0, len(flat), 8192)], 0)
+        feats = tf.reshape(feats, [k, n_max] + feats.shape[1:].as_list())
+        mask = tf.constant(clients.mask)
+        labels = tf.one_hot(clients.y, fns.num_classes) * mask[..., None]
+        return cls(feats, labels, mask, clients.counts, ids)
+
     @property
     def num_clients(self):
         return int(self.features.shape[0])

@@ -6,6 +6,7 @@ from ntkdfl_tf.data.load import (DATASETS, DataChecksumError, DataNotFoundError,
                                  load)
 from ntkdfl_tf.data.partition import (PARTITIONS, dirichlet_partition, iid_partition,
                                       shard_partition)
+from ntkdfl_tf.data.source import DatasetSource
 
 # Pixel mean and std (in [0, 1] units) of the bundled datasets, used by the models' built-in
 # standardisation; models.for_data computes them from other data.

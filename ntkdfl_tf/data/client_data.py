@@ -16,12 +16,16 @@ class ClientData:
         counts: real samples per client, shape (num_clients,).
         indices: for each client, the indices into the source arrays it was built from
             (None when built from explicit per-client arrays).
+        source: a ``DatasetSource`` naming the dataset split those arrays are, so that a
+            remote executor's actors can load the samples themselves (see ``with_source``);
+            None when only these arrays hold them.
     """
 
     x: np.ndarray
     y: np.ndarray
     counts: np.ndarray
     indices: tuple = None
+    source: object = None
 
     @property
     def num_clients(self):
@@ -50,12 +54,36 @@ class ClientData:
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()[:16]
 
-    @classmethod
-    def from_indices(cls, x, y, indices):
-        """Builds ClientData from source arrays and one index array per client.
+    def with_source(self, source):
+        """This data, noting that ``indices`` point into ``source`` (a ``DatasetSource``).
+
+        With a source, ``RayExecutor`` sends its actors the clients' indices and each actor
+        loads the dataset files on its node, instead of the driver shipping every sample.
+        Each actor checks the samples it loads against these arrays (a per-client digest).
 
         Raises:
-            ValueError: a client has no samples, or x and y disagree in length.
+            ValueError: this data has no indices (built from per-client arrays), or ``source``
+                is not a DatasetSource.
+        """
+        from ntkdfl_tf.data.source import DatasetSource
+
+        if not isinstance(source, DatasetSource):
+            raise ValueError(f"source must be an nd.data.DatasetSource, got {source!r}.")
+        if self.indices is None:
+            raise ValueError("This ClientData was built from per-client arrays and has no sample "
+                             "indices; only partitioner output (from_indices) can name a source.")
+        return dataclasses.replace(self, source=source)
+
+    @classmethod
+    def from_indices(cls, x, y, indices, max_samples=None):
+        """Builds ClientData from source arrays and one index array per client.
+
+        ``max_samples`` pads to that length instead of the largest client's (a subset of
+        clients rebuilt with the shape of the whole).
+
+        Raises:
+            ValueError: a client has no samples, x and y disagree in length, or a client has
+                more than ``max_samples``.
         """
         x, y = np.asarray(x), np.asarray(y)
         if len(x) != len(y):
@@ -64,7 +92,10 @@ class ClientData:
         if len(counts) == 0 or counts.min() == 0:
             empty = [] if len(counts) == 0 else np.flatnonzero(counts == 0)[:10].tolist()
             raise ValueError(f"Every client needs at least one sample; empty clients: {empty}.")
-        n_max = int(counts.max())
+        n_max = int(counts.max()) if max_samples is None else int(max_samples)
+        if counts.max() > n_max:
+            raise ValueError(f"A client has {int(counts.max())} samples, more than "
+                             f"max_samples={n_max}.")
         padded = np.zeros((len(indices), n_max), np.int64)
         for k, idx in enumerate(indices):  # one vector copy per client, not per sample
             padded[k, :len(idx)] = idx

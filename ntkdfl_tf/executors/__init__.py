@@ -4,6 +4,10 @@ An executor runs an algorithm's typed calls (NumPy weights and indices in, a typ
 NumPy arrays out) on workers (``Algorithm.make_worker``): one in this process, or one per Ray
 actor. Each call names the clients whose data it reads (``call.reads``). Every executor runs
 the same calls, so the results agree whatever runs them.
+
+``start(algorithm, clients, fns, model_fn, data)`` gets the clients' tensors and the ClientData
+they came from; when that names its dataset (``ClientData.with_source``), the Ray executor's
+actors load their clients' samples from the dataset files instead of receiving them.
 """
 
 from ntkdfl_tf.executors.local import LocalExecutor

@@ -10,13 +10,13 @@ class LocalExecutor:
     def __init__(self):
         self._worker, self._built_for = None, None
 
-    def start(self, algorithm, clients, fns, model_fn=None):
+    def start(self, algorithm, clients, fns, model_fn=None, data=None):
         """Called by ``fit`` once the client data is on the device.
 
         The worker (compiled functions, kernels) is kept across ``fit`` calls of the same
         algorithm and model, and given this fit's data.
         """
-        del model_fn  # the worker uses the trainer's own model functions
+        del model_fn, data  # the worker uses the trainer's model functions and tensors
         if self._built_for is None or any(a is not b for a, b in zip(self._built_for,
                                                                      (algorithm, fns))):
             self._worker, self._built_for = algorithm.make_worker(fns), (algorithm, fns)
