@@ -114,6 +114,15 @@ def test_factors_recomputed_past_the_budget_give_the_same_kernel():
                                atol=1e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("chunk, tile", [(3, 3), (2, 5), (3, 512)])
+def test_stored_factors_regrouped_into_tiles_give_the_same_kernel(chunk, tile):
+    """Chunks of 2-3 samples regrouped into gram tiles of 3, 5 (uneven against both the chunks
+    and N = 7) or all 7 rows equal the reference."""
+    fns, weights, feats, mask, expected = _case("position_pairs")
+    kernel = kernels.ConvNTK(fns, chunk=chunk, tile=tile)
+    _assert_close(kernel(weights, feats, tf.constant(mask)), expected)
+
+
 def test_padded_samples_give_zero_rows_and_columns():
     fns, weights, feats, _, _ = _case("position_pairs")
     mask = np.array([[1, 1, 0, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1, 0]], np.float32)

@@ -116,14 +116,17 @@ class ConvNTK:
     Args:
         fns: ModelFunctions.
         chunk: samples per block.
-        factor_budget_mb: largest size of one client's stored factors (MiB).
+        factor_budget_mb: largest size of one client's stored factors (MiB); stored factors
+            are regrouped into tiles of ``tile`` rows for the gram products (a copy: up to
+            twice this budget for a moment).
+        tile: rows per gram product when the factors are stored (at least ``chunk``).
 
     Raises:
         ValueError: the model is not a chain of Conv2D, Dense and weightless per-sample layers,
             or ``chunk`` is not positive.
     """
 
-    def __init__(self, fns, chunk=128, factor_budget_mb=1024):
+    def __init__(self, fns, chunk=128, factor_budget_mb=1024, tile=512):
         stack = conv_stack(fns.model)
         if stack is None:
             raise ValueError(
@@ -134,7 +137,7 @@ class ConvNTK:
             raise ValueError(f"chunk must be a positive number of samples, got {chunk}.")
         # fns.features already applied a Dense stack's weightless prefix
         self.stack = stack[len(fns.prefix_layers):]
-        self.fns, self.chunk = fns, int(chunk)
+        self.fns, self.chunk, self.tile = fns, int(chunk), max(int(tile), int(chunk))
         self.factor_budget_bytes = float(factor_budget_mb) * 2 ** 20
         self._compiled = {}  # feature shape -> (factors, block) tf.functions
 
@@ -164,6 +167,14 @@ class ConvNTK:
             stored = None  # past the budget: recompute a column chunk's factors per row chunk
             if per_sample_bytes * n <= self.factor_budget_bytes:
                 stored = [first] + [chunk_factors(w, x) for x in chunks[1:]]
+                if len(chunks) > 1 and self.chunk < self.tile:
+                    # stored factors are regrouped into tiles of `tile` rows: a few large gram
+                    # products run much faster than many chunk-sized ones
+                    joined = tf.nest.map_structure(lambda *t: tf.concat(t, 0), *stored)
+                    stored = [tf.nest.map_structure(lambda t: t[s:s + self.tile], joined)
+                              for s in range(0, n, self.tile)]
+                    joined = None
+                    chunks = [None] * len(stored)
             blocks = {}
             for i in range(len(chunks)):
                 row = stored[i] if stored else first if i == 0 else chunk_factors(w, chunks[i])
