@@ -24,7 +24,7 @@ class SliceResult(typing.NamedTuple):
     substeps: tf.Tensor
     flow_loss: tf.Tensor
     monotone: tf.Tensor  # euler_adaptive: every flow loss finite and non-increasing (else: redo
-    # with the bound); Dormand-Prince: every client reached the last tau
+    # with the bound); Dormand-Prince: every client reached the last tau (integrated to)
     bound: tf.Tensor  # [B] Euler sub-steps per grid step the kernel asks (kernels.client_substeps)
     over_budget: tf.Tensor  # [B] bool: ``bound`` above ``flow_budget``: the weights were kept
     evaluated: tf.Tensor  # int32: candidates the call integrated to and evaluated
@@ -217,8 +217,10 @@ class NTKDFLWorker(base.Worker):
         packages carry a Byzantine sender's tampering and the screen's clipping (ones and
         zeros otherwise). ``bound_step`` (bool tensor) makes ``flow="euler_adaptive"`` take
         the bound's Euler step (its redo). ``received``: explicit packages (then J, the
-        starting logits and the labels come from them) or None. The last output is the
-        flow's check (``SliceResult.monotone``).
+        starting logits and the labels come from them) or None. The flow's check is
+        ``SliceResult.monotone``. With ``tau_search="early_stop"`` the flow and the candidates
+        go together, candidate by candidate, until every client has stopped
+        (``_early_stop_search``).
         """
         algorithm, fns, loss = self.algorithm, self.fns, self.loss
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
