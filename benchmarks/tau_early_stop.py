@@ -103,12 +103,12 @@ def main(argv):
                 evaluated, early = early_stop_choice(losses)
                 full = np.argmin(np.where(np.isfinite(losses), losses, np.inf), axis=0)
                 rows["calls"].append(evaluated.max())  # the batch runs until its last stop
-                real = slice(0, group.real)  # the last group is padded by repetition
-                columns = np.arange(losses.shape[1])[real]
+                columns = np.arange(losses.shape[1])
                 for name, value in (("full", full), ("early", early), ("evaluated", evaluated),
                                     ("full_loss", losses[full, columns]),
                                     ("early_loss", losses[early, columns])):
-                    rows["slices"][name].append(np.asarray(value)[real])
+                    # the last group is padded by repetition
+                    rows["slices"][name].append(value[:group.real])
         rows = {"slices": {k: np.concatenate(v) for k, v in rows["slices"].items()},
                 "calls": np.asarray(rows["calls"])}
         for k, v in rows["slices"].items():
