@@ -1,6 +1,7 @@
 """One compiled NTK-DFL slice call (flow, candidates, tau choice), full grid against early stop.
 
     python benchmarks/tau_search_call.py --batch=1,30 --calls=5
+    python benchmarks/tau_search_call.py --batch=1,30 --taus=100,200,300   # the earliest stop
 
 Real Fashion-MNIST neighbourhoods (alpha = 0.1, each of ``--members`` clients contributing
 ``--per_client`` samples, as one Jacobian-batching slice of paper_fast holds), the MLP's initial
@@ -22,6 +23,8 @@ flags.DEFINE_integer("members", 6, "Clients per neighbourhood (kappa + 1).")
 flags.DEFINE_integer("per_client", 34, "Samples each member contributes (200 / m, m = 6).")
 flags.DEFINE_integer("calls", 5, "Timed calls per search, after one warm-up call.")
 flags.DEFINE_float("learning_rate", 0.01, "Grid step eta.")
+flags.DEFINE_list("taus", None, "Candidate grid (default: NTKDFL's); e.g. 100,200,300 times "
+                  "what a call costs when every client stops at the earliest.")
 flags.DEFINE_bool("jit_compile", True, "XLA-compile the call.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
@@ -60,8 +63,9 @@ def main(argv):
 
     for batch in (int(b) for b in FLAGS.batch):
         fns, weights, feats, labels, mask = neighbourhoods(batch)
+        grid = {"taus": tuple(int(t) for t in FLAGS.taus)} if FLAGS.taus else {}
         workers = {s: nd.algorithms.NTKDFL(tau_search=s, jit_compile=FLAGS.jit_compile,
-                                           client_batch=batch).make_worker(fns)
+                                           client_batch=batch, **grid).make_worker(fns)
                    for s in ("full", "early_stop")}
         h = workers["full"].kernel(weights, feats, mask)
         eta = tf.constant(FLAGS.learning_rate, tf.float32)
@@ -78,7 +82,7 @@ def main(argv):
         taus = np.asarray(workers["full"].algorithm.taus)
         for s, result in results.items():
             print(json.dumps({
-                "batch": batch, "tau_search": s, "n": int(mask.shape[1]),
+                "batch": batch, "tau_search": s, "n": int(mask.shape[1]), "taus": taus.tolist(),
                 "seconds_median": round(statistics.median(seconds[s]), 4),
                 "seconds": [round(v, 4) for v in seconds[s]],
                 "candidates_evaluated": int(result.evaluated),
