@@ -87,6 +87,8 @@ class EvolveResult(typing.NamedTuple):
         tau: the chosen tau (mean over slices).
         substeps: integrator steps per grid step of each slice's flow: Euler sub-steps, or
             attempted Dormand-Prince steps (six products with H each); 0 for the closed form.
+            Per grid step integrated: with ``tau_search="early_stop"`` up to the last candidate
+            the call evaluated.
         flow_loss: the loss the linearised flow predicted at the chosen tau.
         redone: slices redone with the bound step (``flow="euler_adaptive"``).
         clipped, dropped: package slots the screen clipped and dropped, over the slices.
