@@ -3,6 +3,8 @@
     python benchmarks/round_time.py --clients=50,100,300 --rounds=3
     python benchmarks/round_time.py --clients= --kappas=2,5,10 --samples_per_client=100,200,400
     python benchmarks/round_time.py --clients=60 --taus=10,20,30,40,50,60,80   # the flow's share
+    python benchmarks/round_time.py --clients=60 --rounds=3 --algorithms=ntk_dfl \
+        --tau_search=full,early_stop   # the tau grid's search, side by side
 
 Prints one JSON line per (algorithm, clients): the median round time after one warm-up round
 (Fashion-MNIST, alpha=0.1, kappa=5, MLP 784-100-10, 200 samples per client; training only, no
@@ -10,7 +12,9 @@ evaluation), the peak RSS so far, the mean integrator steps per grid step (``eul
 of ``--flow``), and the ``tf.function`` trace counts
 after the warm-up round and after the last (equal: no retracing), and the resident memory after
 each round (flat: no growth). Then the ratio of NTK-DFL's
-median to DFedAvg's (5 local epochs by default, as the performance issue asks). The sweeps time
+median to DFedAvg's (5 local epochs by default, as the performance issue asks). Several
+``--tau_search`` values time NTK-DFL once each (same partition and seed), with the candidates
+each round's calls evaluated (``candidates_evaluated``) and the mean chosen tau. The sweeps time
 the NTK-DFL round at ``--sweep_clients`` clients for each kappa and each samples-per-client.
 """
 
@@ -37,6 +41,8 @@ flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, e
                     "or euler_bound.")
 flags.DEFINE_list("taus", None, "NTK-DFL candidate grid (default: NTK-DFL.md's); a shorter grid "
                   "shortens the flow, which shows the flow's share of the round.")
+flags.DEFINE_list("tau_search", ["full"], "NTK-DFL tau search(es): full, early_stop; several "
+                  "are timed one after another.")
 flags.DEFINE_list("kappas", [], "Sweep: NTK-DFL round time for each kappa.")
 flags.DEFINE_list("samples_per_client", [], "Sweep: NTK-DFL round time per samples/client.")
 flags.DEFINE_integer("sweep_clients", 50, "Clients in the sweeps.")
@@ -44,11 +50,11 @@ flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_D
 FLAGS = flags.FLAGS
 
 
-def make_algorithm(name, client_batch):
+def make_algorithm(name, client_batch, tau_search="full"):
     """The algorithm as the launchers build it (``experiment.make_algorithm``)."""
     fields = dict(algorithm=name, jacobian_batches=FLAGS.jacobian_batches,
                   client_batch=client_batch, jit_compile=FLAGS.jit_compile,
-                  flow=FLAGS.flow, local_epochs=FLAGS.local_epochs)
+                  flow=FLAGS.flow, local_epochs=FLAGS.local_epochs, tau_search=tau_search)
     if FLAGS.taus:
         fields["taus"] = tuple(int(t) for t in FLAGS.taus)
     return experiment.make_algorithm(experiment.Config(**fields))
@@ -64,9 +70,11 @@ class _Traces(keras.callbacks.Callback):
         self.rss.append(rss_mb())
 
 
-def time_rounds(name, clients, kappa, client_batch=None, **fields):
+def time_rounds(name, clients, kappa, client_batch=None, tau_search=None, **fields):
     client_batch = client_batch or int(FLAGS.client_batch[0])
-    trainer = nd.DecentralizedTrainer(nd.models.mlp, make_algorithm(name, client_batch),
+    tau_search = tau_search or FLAGS.tau_search[0]
+    trainer = nd.DecentralizedTrainer(nd.models.mlp,
+                                      make_algorithm(name, client_batch, tau_search),
                                       nd.topology.RandomGraph(kappa), seed=0)
     traces = _Traces(trainer)
     history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0, callbacks=[traces])
@@ -79,8 +87,12 @@ def time_rounds(name, clients, kappa, client_batch=None, **fields):
     if name == "ntk_dfl":
         line.update(jacobian_batches=FLAGS.jacobian_batches, client_batch=client_batch,
                     jit_compile=FLAGS.jit_compile, flow=FLAGS.flow,
-                    taus=list(trainer.algorithm.taus),
-                    euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]])
+                    taus=list(trainer.algorithm.taus), tau_search=tau_search,
+                    euler_substeps=[round(s, 2) for s in history.history["euler_substeps"]],
+                    candidates_evaluated=[round(c, 2) for c in
+                                          history.history["candidates_evaluated"]],
+                    tau=[round(t, 1) for t in history.history["tau"]],
+                    loss=[round(v, 4) for v in history.history["loss"]])
     else:
         line["local_epochs"] = FLAGS.local_epochs
     print(json.dumps(line), flush=True)
@@ -94,11 +106,13 @@ def main(argv):
         clients = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0, samples_per_client=200)
         first, *rest = FLAGS.algorithms
         medians = {name: time_rounds(name, clients, FLAGS.num_neighbors) for name in rest}
-        for batch in (int(b) for b in FLAGS.client_batch):
-            median = time_rounds(first, clients, FLAGS.num_neighbors, client_batch=batch)
+        for batch, search in ((int(b), t) for b in FLAGS.client_batch
+                              for t in FLAGS.tau_search):
+            median = time_rounds(first, clients, FLAGS.num_neighbors, client_batch=batch,
+                                 tau_search=search)
             for other in rest:
                 print(json.dumps({"clients": k, "ratio": f"{first}/{other}",
-                                  "client_batch": batch,
+                                  "client_batch": batch, "tau_search": search,
                                   "value": round(median / medians[other], 2)}), flush=True)
     k = FLAGS.sweep_clients
     if FLAGS.kappas:

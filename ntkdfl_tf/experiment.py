@@ -52,6 +52,7 @@ class Config:
     jit_compile: bool = False
     flow: str = "dopri5"
     flow_budget: int = 0  # NTK-DFL: most Euler sub-steps per grid step a flow may ask; 0: none
+    tau_search: str = "full"  # NTK-DFL: "full" or "early_stop" (NTKDFL.tau_search)
     # baselines (DFedAvg family); None keeps each algorithm's documented default
     local_learning_rate: float = None
     batch_size: int = None
@@ -138,7 +139,7 @@ def make_algorithm(cfg, **overrides):
                         per_round_averaging=cfg.per_round_averaging, packages=cfg.packages,
                         jacobian_batches=cfg.jacobian_batches, client_batch=cfg.client_batch,
                         jit_compile=cfg.jit_compile, flow=cfg.flow,
-                        flow_budget=cfg.flow_budget or None,
+                        flow_budget=cfg.flow_budget or None, tau_search=cfg.tau_search,
                         jacobian_chunk=cfg.jacobian_chunk)
         return algorithms.NTKDFL(**{**settings, **overrides})
     local = {"learning_rate": cfg.local_learning_rate, "batch_size": cfg.batch_size,

@@ -74,6 +74,7 @@ def test_input_shape_does_not_match_model():
     (dict(flow_budget=2.5), "flow_budget must be a positive integer"),
     (dict(flow="x"), "Unknown flow 'x'; choose one of dopri5, exact, euler_adaptive, "
                      "euler_bound"),
+    (dict(tau_search="greedy"), "Unknown tau_search 'greedy'; choose one of full, early_stop"),
 ])
 def test_bad_ntkdfl_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -88,6 +89,7 @@ def test_bad_ntkdfl_arguments(kwargs, match):
     ("model", "resnet", "'resnet'"), ("taus", (200, 100), "strictly increasing"),
     ("dropout", 1.0, "dropout"), ("message_loss", -0.1, "message_loss"),
     ("leave", "3-5", "--leave"), ("leave", "40:2", "only 30 clients"),
+    ("tau_search", "greedy", "tau_search 'greedy'"),
 ])
 def test_launcher_config_validated_up_front(tmp_path, field, value, match):
     cfg = experiment.Config(logdir=str(tmp_path / "logs"), save_dir=str(tmp_path / "models"))

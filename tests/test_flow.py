@@ -218,13 +218,13 @@ def _linear_setup(loss, eta, tau, d=4, **options):
     worker = NTKDFL(learning_rate=eta, taus=(tau,), loss=loss, **options).make_worker(fns)
     worker.bind(clients)
     h = kernels.make_kernel(fns, "dense")(weights, clients.features, clients.mask)
-    new, cand_loss, tau_index, _, _, monotone, _, _ = worker._evolve(
+    result = worker._evolve(
         weights, weights, clients.features, clients.labels, clients.mask, h,
         tf.constant(eta, tf.float32), tf.ones((B, N)), tf.zeros((B, N, C)), tf.constant(False),
         None)
-    assert bool(monotone)
-    assert np.all(tau_index.numpy() == 0)
-    return w, x, y, mask, h, [v.numpy() for v in new], cand_loss.numpy()
+    assert bool(result.monotone)
+    assert np.all(result.tau_index.numpy() == 0)
+    return w, x, y, mask, h, [v.numpy() for v in result.weights], result.loss.numpy()
 
 
 def _gradient(w, b, x, y, m, loss):
@@ -439,3 +439,45 @@ def test_dormand_prince_flow_reports_a_broken_kernel():
     assert np.isfinite(r[:, 0]).all() and np.isfinite(f[:, 0]).all()
 
 
+
+
+@pytest.mark.parametrize("name", ["dopri5", "euler_adaptive", "euler_bound"])
+def test_flow_segments_candidate_by_candidate_equal_the_one_call_flow(name):
+    """``*_segments`` advanced candidate after candidate (the index a loop variable, as
+    ``tau_search="early_stop"`` drives it) give the one-call flow's R_tau and f(tau eta) bit for
+    bit, and its steps and check once at the last candidate."""
+    h, f0, y, mask, n = _tf(*_problem(scale=3.0, top=20.0, seed=1))
+    eta, taus = tf.constant(0.1), (10, 30, 45, 60)
+    if name == "dopri5":
+        whole = lambda: kernels.dormand_prince_flow(h, f0, y, mask, n, eta, taus, **DEFAULT_TOL)
+        parts = lambda: kernels.dormand_prince_segments(h, f0, y, mask, n, eta, taus,
+                                                         **DEFAULT_TOL)
+    elif name == "euler_adaptive":
+        whole = lambda: kernels.adaptive_euler_flow(h, f0, y, mask, n, eta, taus, recheck=7)
+        parts = lambda: kernels.adaptive_euler_segments(h, f0, y, mask, n, eta, taus, recheck=7)
+    else:
+        sub = tf.constant(3)
+        whole = lambda: kernels.euler_flow(h, f0, y, mask, n, eta, tf.constant(taus), sub) + (
+            sub, True)
+        parts = lambda: kernels.euler_segments(h, f0, y, mask, n, eta, tf.constant(taus), sub)
+
+    @tf.function
+    def segmented():
+        flow = parts()
+
+        def body(t, state, rs, fs):
+            state = flow.advance(state, t)
+            r, f = flow.read(state, t)
+            return t + 1, state, rs.write(t, r), fs.write(t, f)
+
+        arrays = [tf.TensorArray(tf.float32, size=len(taus)) for _ in range(2)]
+        _, state, rs, fs = tf.while_loop(lambda t, *_: t < len(taus), body,
+                                         (tf.constant(0), flow.start, *arrays))
+        last = len(taus) - 1
+        return rs.stack(), fs.stack(), flow.steps(state, last), flow.check(state, last)
+
+    r, f, steps, check = tf.function(whole)()
+    r_seg, f_seg, steps_seg, check_seg = segmented()
+    np.testing.assert_array_equal(r_seg, r)
+    np.testing.assert_array_equal(f_seg, f)
+    assert float(steps_seg) == float(steps) and bool(check_seg) == bool(check)

@@ -23,6 +23,7 @@ from ntkdfl_tf.errors import DivergenceError
 FLOWS = ("dopri5", "exact", "euler_adaptive", "euler_bound")
 DOPRI_TOLERANCES = {"dopri5": (1e-4, 1e-6), "exact": (1e-6, 1e-8)}  # (rtol, atol)
 PACKAGE_FORMS = ("lazy", "explicit")
+TAU_SEARCHES = ("full", "early_stop")
 
 
 class EvolveContext(typing.NamedTuple):
@@ -86,6 +87,8 @@ class EvolveResult(typing.NamedTuple):
         tau: the chosen tau (mean over slices).
         substeps: integrator steps per grid step of each slice's flow: Euler sub-steps, or
             attempted Dormand-Prince steps (six products with H each); 0 for the closed form.
+            Per grid step integrated: with ``tau_search="early_stop"`` up to the last candidate
+            the call evaluated.
         flow_loss: the loss the linearised flow predicted at the chosen tau.
         redone: slices redone with the bound step (``flow="euler_adaptive"``).
         clipped, dropped: package slots the screen clipped and dropped, over the slices.
@@ -93,6 +96,10 @@ class EvolveResult(typing.NamedTuple):
             ``NTKDFL.flow_budget`` (their tau is reported as 0).
         bound_max: the most Euler sub-steps per grid step any member-slice's kernel asked
             (``kernels.client_substeps``, what ``flow_budget`` is compared with).
+        candidates_evaluated: per slice, the candidate taus the group's call integrated to and
+            evaluated (``NTKDFL.tau_search``: all of them for ``"full"``).
+        candidate_losses: per slice, ``[T, B]`` every candidate's real loss (NaN for a
+            candidate the call did not evaluate).
     """
 
     weights: list
@@ -105,6 +112,8 @@ class EvolveResult(typing.NamedTuple):
     dropped: int = 0
     over_budget: int = 0
     bound_max: float = 0.0
+    candidates_evaluated: list = ()
+    candidate_losses: list = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -163,6 +172,15 @@ class NTKDFL(base.Algorithm):
             kernel asked). None (default): no bound, the flow takes what the kernel asks. Set
             it above what honest rounds ask (``flow_bound_max`` without an attack) when
             neighbours may be Byzantine; the ``byzantine`` preset does.
+        tau_search: how the candidate taus are searched. ``"full"`` (default): the flow runs to
+            the largest tau and every candidate is evaluated. ``"early_stop"``: the flow is
+            integrated from one candidate to the next, each candidate evaluated as it is
+            reached, and a client stops once its candidates' real loss has risen for two
+            consecutive candidates; its tau is the argmin over the candidates it evaluated
+            (the same as ``"full"`` whenever its losses along the grid are unimodal). A client
+            batch shares one call, so the call's flow stops when every member has stopped (or
+            at the largest tau); a member that stopped earlier keeps its own argmin. The round
+            logs ``candidates_evaluated``.
     """
 
     learning_rate: typing.Any = 0.01
@@ -177,6 +195,7 @@ class NTKDFL(base.Algorithm):
     flow: str = "dopri5"
     packages: str = "lazy"
     flow_budget: typing.Optional[int] = None
+    tau_search: str = "full"
 
     name: typing.ClassVar[str] = "ntk_dfl"
 
@@ -189,6 +208,9 @@ class NTKDFL(base.Algorithm):
         kernels.losses.get(self.loss)  # raises for an unknown name
         if self.flow not in FLOWS:
             raise ValueError(f"Unknown flow {self.flow!r}; choose one of {', '.join(FLOWS)}.")
+        if self.tau_search not in TAU_SEARCHES:
+            raise ValueError(f"Unknown tau_search {self.tau_search!r}; choose one of "
+                             f"{', '.join(TAU_SEARCHES)}.")
         if self.packages not in PACKAGE_FORMS:
             raise ValueError(f"Unknown packages {self.packages!r}; choose one of "
                              f"{', '.join(PACKAGE_FORMS)}.")
@@ -303,6 +325,9 @@ class NTKDFL(base.Algorithm):
                 "flow_fallbacks": float(sum(res.redone for res in results)),
                 "flow_over_budget": float(over_budget),
                 "flow_bound_max": max(res.bound_max for res in results)}
+        evaluated = [c for res in results for c in res.candidates_evaluated]
+        if evaluated:  # per (client batch, slice) call: what the flow and the VJPs cost
+            logs["candidates_evaluated"] = float(np.mean(evaluated))
         if screened:  # package slots (per slice) the screen clipped or dropped this round
             logs["packages_clipped"] = float(sum(res.clipped for res in results))
             logs["packages_dropped"] = float(sum(res.dropped for res in results))

@@ -24,9 +24,11 @@ class SliceResult(typing.NamedTuple):
     substeps: tf.Tensor
     flow_loss: tf.Tensor
     monotone: tf.Tensor  # euler_adaptive: every flow loss finite and non-increasing (else: redo
-    # with the bound); Dormand-Prince: every client reached the last tau
+    # with the bound); Dormand-Prince: every client reached the last tau (integrated to)
     bound: tf.Tensor  # [B] Euler sub-steps per grid step the kernel asks (kernels.client_substeps)
     over_budget: tf.Tensor  # [B] bool: ``bound`` above ``flow_budget``: the weights were kept
+    evaluated: tf.Tensor  # int32: candidates the call integrated to and evaluated
+    candidate_losses: tf.Tensor  # [T, B] real loss of each candidate, NaN if not evaluated
 
 
 class NTKDFLWorker(base.Worker):
@@ -65,6 +67,7 @@ class NTKDFLWorker(base.Worker):
         algorithm = self.algorithm
         weights = [tf.constant(a) for a in call.weights]
         current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
+        evaluated, candidate_losses = [], []
         clipped = dropped = over_budget = 0
         bound_max = 0.0
         eta = tf.constant(context.eta, tf.float32)
@@ -135,11 +138,13 @@ class NTKDFLWorker(base.Worker):
             over = result.over_budget.numpy()
             taus.append(np.where(over, 0, np.asarray(algorithm.taus)[result.tau_index.numpy()]))
             substeps.append(float(result.substeps))
+            evaluated.append(int(result.evaluated))
+            candidate_losses.append(result.candidate_losses.numpy())
             over_budget += int(over.sum())
             bound_max = max(bound_max, float(tf.reduce_max(result.bound)))
         return EvolveResult([v.numpy() for v in current], np.mean(losses, 0), np.mean(taus, 0),
                             substeps, np.mean(flow_losses, 0), redone, clipped, dropped,
-                            over_budget, bound_max)
+                            over_budget, bound_max, evaluated, candidate_losses)
 
     def tamper(self, call, attack, packages, layout, rng, screen):
         """``receive``'s packages with the tampered slots' arrays as their Byzantine senders
@@ -212,12 +217,13 @@ class NTKDFLWorker(base.Worker):
         packages carry a Byzantine sender's tampering and the screen's clipping (ones and
         zeros otherwise). ``bound_step`` (bool tensor) makes ``flow="euler_adaptive"`` take
         the bound's Euler step (its redo). ``received``: explicit packages (then J, the
-        starting logits and the labels come from them) or None. The last output is the
-        flow's check (``SliceResult.monotone``).
+        starting logits and the labels come from them) or None. The flow's check is
+        ``SliceResult.monotone``. With ``tau_search="early_stop"`` the flow and the candidates
+        go together, candidate by candidate, until every client has stopped
+        (``_early_stop_search``).
         """
         algorithm, fns, loss = self.algorithm, self.fns, self.loss
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
-        taus = tf.constant(algorithm.taus, tf.int32)
         if self.matrix_free:
             h = self.kernel.operator(linearised, feats, mask)
         bound = kernels.client_substeps(h, n, eta, mask=mask)
@@ -241,25 +247,9 @@ class NTKDFLWorker(base.Worker):
             f0 = fns.forward(weights, feats) + logit_offset
         else:
             f0 = f_lin + logit_offset if received is None else f_lin
-        if loss.closed_form:
-            r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
-            substeps, monotone = tf.constant(0.0), tf.constant(True)
-        elif algorithm.flow in DOPRI_TOLERANCES:
-            rtol, atol = DOPRI_TOLERANCES[algorithm.flow]
-            r_sums, f_taus, substeps, monotone = kernels.dormand_prince_flow(
-                h, f0, labels, mask, n, eta, taus, loss, rtol=rtol, atol=atol)
-        elif algorithm.flow == "euler_bound":
-            steps = kernels.euler_substeps(h, n, eta, mask=mask)
-            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, steps, loss)
-            substeps = tf.cast(steps, tf.float32)
-            monotone = tf.constant(True)
-        else:
-            r_sums, f_taus, substeps, monotone = kernels.adaptive_euler_flow(
-                h, f0, labels, mask, n, eta, algorithm.taus, loss, bound_step=bound_step)
 
-        candidates, cand_losses, flow_losses = [], [], []
-        for t in range(len(algorithm.taus)):  # a handful of candidates; each one VJP, one forward
-            cotangent = r_sums[t] * (eta / n)[:, None, None]
+        def candidate(r_sum):  # one VJP, one forward: the weights and their real loss
+            cotangent = r_sum * (eta / n)[:, None, None]
             if received is None:
                 grads = tape.gradient(f_lin, linearised,
                                       output_gradients=cotangent * row_scale[..., None])
@@ -270,18 +260,33 @@ class NTKDFLWorker(base.Worker):
                     flat = tf.gather(flat, received.bucket, axis=1) * received.sign
                 grads = unflatten(flat, linearised)
             cand = [w - g for w, g in zip(weights, grads)]
-            candidates.append(cand)
-            cand_losses.append(loss.mean(fns.forward(cand, feats), labels, mask))
-            flow_losses.append(loss.mean(f_taus[t], labels, mask))  # what linearisation predicted
+            return cand, loss.mean(fns.forward(cand, feats), labels, mask)
+
+        if algorithm.tau_search == "early_stop":
+            flow = self._flow_segments(h, f0, labels, mask, n, eta, bound_step)
+            new, chosen_loss, best, flow_loss, cand_losses, evaluated, substeps, monotone = \
+                _early_stop_search(flow, candidate, len(algorithm.taus), weights, over,
+                                   lambda f: loss.mean(f, labels, mask))
+        else:
+            r_sums, f_taus, substeps, monotone = self._flow(h, f0, labels, mask, n, eta,
+                                                            bound_step)
+            candidates, cand_losses, flow_losses = [], [], []
+            for t in range(len(algorithm.taus)):  # a handful of candidates
+                cand, cand_loss = candidate(r_sums[t])
+                candidates.append(cand)
+                cand_losses.append(cand_loss)
+                # what the linearisation predicted
+                flow_losses.append(loss.mean(f_taus[t], labels, mask))
+            cand_losses = tf.stack(cand_losses)  # [T, B]
+            safe = tf.where(tf.math.is_finite(cand_losses), cand_losses, np.inf)
+            best = tf.argmin(safe, axis=0, output_type=tf.int32)  # [B]
+            new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
+                   for v in range(len(weights))]
+            flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
+            chosen_loss = tf.gather(tf.transpose(cand_losses), best, batch_dims=1)
+            evaluated = tf.constant(len(algorithm.taus), tf.int32)
         if received is None:
             del tape
-        cand_losses = tf.stack(cand_losses)  # [T, B]
-        safe = tf.where(tf.math.is_finite(cand_losses), cand_losses, np.inf)
-        best = tf.argmin(safe, axis=0, output_type=tf.int32)  # [B]
-        new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
-               for v in range(len(weights))]
-        flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
-        chosen_loss = tf.gather(tf.transpose(cand_losses), best, batch_dims=1)
         if algorithm.flow_budget is not None:  # over budget: the slice leaves the weights as is
             kept = tf.cond(tf.reduce_any(over),
                            lambda: loss.mean(fns.forward(weights, feats), labels, mask),
@@ -290,7 +295,102 @@ class NTKDFLWorker(base.Worker):
                    for w, c in zip(weights, new)]
             chosen_loss, flow_loss = tf.where(over, kept, chosen_loss), tf.where(over, kept,
                                                                                  flow_loss)
-        return SliceResult(new, chosen_loss, best, substeps, flow_loss, monotone, bound, over)
+        return SliceResult(new, chosen_loss, best, substeps, flow_loss, monotone, bound, over,
+                           evaluated, cand_losses)
+
+    def _flow(self, h, f0, labels, mask, n, eta, bound_step):
+        """The flow to the largest tau: ``(R [T, B, N, C], f_taus, substeps, check)``."""
+        algorithm, loss = self.algorithm, self.loss
+        taus = tf.constant(algorithm.taus, tf.int32)
+        if loss.closed_form:
+            r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
+            return r_sums, f_taus, tf.constant(0.0), tf.constant(True)
+        if algorithm.flow in DOPRI_TOLERANCES:
+            rtol, atol = DOPRI_TOLERANCES[algorithm.flow]
+            return kernels.dormand_prince_flow(h, f0, labels, mask, n, eta, taus, loss,
+                                               rtol=rtol, atol=atol)
+        if algorithm.flow == "euler_bound":
+            steps = kernels.euler_substeps(h, n, eta, mask=mask)
+            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, steps, loss)
+            return r_sums, f_taus, tf.cast(steps, tf.float32), tf.constant(True)
+        return kernels.adaptive_euler_flow(h, f0, labels, mask, n, eta, algorithm.taus, loss,
+                                           bound_step=bound_step)
+
+    def _flow_segments(self, h, f0, labels, mask, n, eta, bound_step):
+        """The same flow as ``_flow``, as ``kernels.FlowSegments``."""
+        algorithm, loss = self.algorithm, self.loss
+        taus = tf.constant(algorithm.taus, tf.int32)
+        if loss.closed_form:  # exact at any tau: computed at once, read candidate by candidate
+            r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
+            return kernels.FlowSegments(
+                tf.constant(0), lambda state, t: state,
+                lambda state, t: (tf.gather(r_sums, t), tf.gather(f_taus, t)),
+                lambda state, t: tf.constant(0.0), lambda state, t: tf.constant(True))
+        if algorithm.flow in DOPRI_TOLERANCES:
+            rtol, atol = DOPRI_TOLERANCES[algorithm.flow]
+            return kernels.dormand_prince_segments(h, f0, labels, mask, n, eta, taus, loss,
+                                                   rtol=rtol, atol=atol)
+        if algorithm.flow == "euler_bound":
+            steps = kernels.euler_substeps(h, n, eta, mask=mask)
+            return kernels.euler_segments(h, f0, labels, mask, n, eta, taus, steps, loss)
+        return kernels.adaptive_euler_segments(h, f0, labels, mask, n, eta, algorithm.taus, loss,
+                                               bound_step=bound_step)
+
+
+def _early_stop_search(flow, candidate, count, weights, stopped, flow_loss_of):
+    """``tau_search="early_stop"``: candidate after candidate, until every client has stopped.
+
+    Each iteration integrates ``flow`` on to the next candidate and evaluates it
+    (``candidate(R) -> (weights, loss [B])``). A client stops once its loss has risen at two
+    consecutive candidates; until then it keeps the first lowest finite loss (``tf.argmin``'s
+    choice in the full search), afterwards it ignores the batch's further candidates.
+
+    Args:
+        flow: ``kernels.FlowSegments``.
+        candidate: ``R [B, N, C] -> (candidate weights, real loss [B])``.
+        count: number of candidates T.
+        weights: the slice's starting weights (the result of a client that never evaluates).
+        stopped: [B] bool, clients that need no candidate (over ``flow_budget``).
+        flow_loss_of: ``f [B, N, C] -> [B]`` the loss the flow predicts.
+
+    Returns:
+        ``(weights, loss, tau_index, flow_loss, candidate_losses [T, B] (NaN where not
+        evaluated), evaluated (int32: the call's candidates), substeps, check)``.
+    """
+    batch = tf.shape(stopped)[0]
+    inf = tf.fill([batch], np.inf)
+
+    def per_client(x, like):  # [B] -> broadcastable against a [B, ...] variable
+        return tf.reshape(x, [-1] + [1] * (len(like.shape) - 1))
+
+    def search(t, state, best, best_safe, best_loss, best_flow, best_index, losses, previous,
+               rises, stopped):
+        state = flow.advance(state, t)
+        r_sum, f_tau = flow.read(state, t)
+        cand, cand_loss = candidate(r_sum)
+        safe = tf.where(tf.math.is_finite(cand_loss), cand_loss, np.inf)
+        take = ~stopped & ((t == 0) | (safe < best_safe))  # strict: the first of equal losses
+        best = [tf.where(per_client(take, b), c, b) for b, c in zip(best, cand)]
+        best_safe = tf.where(take, safe, best_safe)
+        best_loss = tf.where(take, cand_loss, best_loss)
+        best_flow = tf.where(take, flow_loss_of(f_tau), best_flow)
+        best_index = tf.where(take, t, best_index)
+        losses = tf.where((tf.range(count) == t)[:, None] & ~stopped[None], cand_loss[None],
+                          losses)
+        rises = tf.where(safe > previous, rises + 1, 0)
+        stopped = stopped | (rises >= 2)
+        return (t + 1, state, best, best_safe, best_loss, best_flow, best_index, losses, safe,
+                rises, stopped)
+
+    start = (tf.constant(0), flow.start, list(weights), inf, inf, inf,
+             tf.zeros([batch], tf.int32), tf.fill([count, batch], np.nan), inf,
+             tf.zeros([batch], tf.int32), stopped)
+    out = tf.while_loop(lambda t, *rest: (t < count) & ~tf.reduce_all(rest[-1]), search, start)
+    t, state, best, _, best_loss, best_flow, best_index, losses = out[:8]
+    last = tf.maximum(t - 1, 0)
+    # read at static candidate indices: the same rounding as the full search's last candidate
+    steps = tf.gather(tf.stack([flow.steps(state, i) for i in range(count)]), last)
+    return best, best_loss, best_index, best_flow, losses, t, steps, flow.check(state, last)
 
 
 def _without(h, drop):

@@ -45,6 +45,9 @@ _HELP = {
     "flow_budget": "NTK-DFL compute bound: a slice whose kernel asks more Euler sub-steps per "
                    "grid step than this (eta lambda_max(H/N)/2, e.g. a Byzantine-inflated "
                    "kernel) is not evolved; 0: no bound.",
+    "tau_search": "NTK-DFL candidate taus: full (flow to the largest tau, every candidate "
+                  "evaluated) or early_stop (each client stops once its candidates' real loss "
+                  "rose for two taus in a row; a client batch stops when all its clients have).",
     "local_learning_rate": "Baselines: local SGD learning rate.",
     "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines: local epochs.",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",

@@ -19,9 +19,10 @@ from ntkdfl_tf.kernels.dense import DenseNTK
 from ntkdfl_tf.kernels.explicit import ExplicitNTK, jacobian
 from ntkdfl_tf.kernels.matrix_free import MatrixFreeNTK
 from ntkdfl_tf.kernels import losses
-from ntkdfl_tf.kernels.flow import (adaptive_euler_flow, as_operator, client_substeps,
-                                    dormand_prince_flow, euler_flow, euler_substeps,
-                                    flow_stiffness, lambda_max, mse_closed_form)
+from ntkdfl_tf.kernels.flow import (FlowSegments, adaptive_euler_flow, adaptive_euler_segments,
+                                    as_operator, client_substeps, dormand_prince_flow,
+                                    dormand_prince_segments, euler_flow, euler_segments,
+                                    euler_substeps, flow_stiffness, lambda_max, mse_closed_form)
 
 KERNELS = {"dense": DenseNTK, "conv": ConvNTK, "explicit": ExplicitNTK,
            "matrix_free": MatrixFreeNTK}

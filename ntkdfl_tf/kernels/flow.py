@@ -9,7 +9,10 @@ f(tau * eta). Everything is batched over a leading client axis B; padded samples
 Integrators: adaptive Dormand-Prince 5(4) with dense output (``dormand_prince_flow``: NTKDFL's
 ``flow="dopri5"`` and ``"exact"``), forward Euler with a stiffness-driven step
 (``adaptive_euler_flow``) or a fixed number of sub-steps (``euler_flow``), and the closed form for
-squared error (``mse_closed_form``). Why not a stiff or stabilised integrator: the weight update
+squared error (``mse_closed_form``). Each integrator also comes as ``FlowSegments``
+(``dormand_prince_segments``, ``adaptive_euler_segments``, ``euler_segments``): the same steps,
+integrated candidate by candidate, so that a caller can stop once it has the candidates it needs
+(NTKDFL's ``tau_search="early_stop"``). Why not a stiff or stabilised integrator: the weight update
 is J^T R, whose size is measured by the H-norm of R, and the error of any scheme that damps the
 stiff modes instead of resolving them lands exactly there. Measured on a Fashion-MNIST
 neighbourhood (N = 1187): second-order Runge-Kutta-Chebyshev with macro steps of 10 grid steps
@@ -18,9 +21,29 @@ its best candidate loss was 0.88-1.47 against Euler's 0.62. The same holds, less
 forward Euler itself against the exact flow (README, the flow argument).
 """
 
+import typing
+
 import tensorflow as tf
 
 from ntkdfl_tf.kernels import losses
+
+
+class FlowSegments(typing.NamedTuple):
+    """A flow integrated candidate by candidate, its state carried through ``tf.while_loop``.
+
+    ``state = advance(state, t)`` integrates on from wherever ``state`` stands to the candidate
+    taus[t] (``t``: an int or int32 scalar tensor, never decreasing from one call to the next);
+    then ``read(state, t)`` is ``(R_tau, f(tau * eta))`` ``[B, N, C]`` of that candidate,
+    ``steps(state, t)`` the integrator's steps per grid step so far and ``check(state, t)`` the
+    flow's own check over what it integrated (as the matching ``*_flow`` function returns
+    them). Advancing through every candidate in turn does exactly what the one-call flow does.
+    """
+
+    start: typing.Any
+    advance: typing.Callable
+    read: typing.Callable
+    steps: typing.Callable
+    check: typing.Callable
 
 
 def as_operator(h):
@@ -122,10 +145,23 @@ def adaptive_euler_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rech
         whether the flow loss stayed finite and never rose from one segment end to the next
         (the exact flow never raises it: a rise means the step was too long).
     """
+    flow = adaptive_euler_segments(h, f0, y, mask, n, eta, taus, loss, recheck, bound_step)
+    last = len(taus) - 1
+    state = flow.advance(flow.start, last)
+    _, _, _, _, _, rs, fs, _, _, _ = state
+    return rs, fs, flow.steps(state, last), flow.check(state, last)
+
+
+def adaptive_euler_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", recheck=25,
+                            bound_step=False):
+    """``adaptive_euler_flow`` as ``FlowSegments`` (same arguments)."""
     taus = [int(t) for t in taus]
     ends = sorted(set(range(recheck, taus[-1], recheck)) | set(taus))
     record = tf.constant([[float(e == t) for t in taus] for e in ends])  # [S, T]
     ends_t = tf.constant(ends, tf.int32)
+    # segments to run to reach each candidate: the last one ends at it
+    segments_to = tf.constant([ends.index(t) + 1 for t in taus], tf.int32)
+    taus_t = tf.constant(taus, tf.int32)
     m, apply, scale = mask[..., None], as_operator(h), (1.0 / n)[:, None, None]
     loss = losses.get(loss)
     bound = euler_substeps(h, n, eta, mask=mask)
@@ -154,11 +190,17 @@ def adaptive_euler_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rech
         return (i + 1, ends_t[i], f, acc, v, rs, fs, steps + grid * sub, now, monotone)
 
     zeros = tf.zeros(tf.concat([[len(taus)], tf.shape(f0)], 0), f0.dtype)  # shapes may be unknown
-    init = (tf.constant(0), tf.constant(0), f0, tf.zeros_like(f0), v, zeros, zeros,
-            tf.constant(0), flow_loss(f0), tf.constant(True))
-    out = tf.while_loop(lambda i, *_: i < len(ends), segment, init)
-    _, _, _, _, _, rs, fs, steps, _, monotone = out
-    return rs, fs, tf.cast(steps, tf.float32) / float(taus[-1]), monotone
+    start = (tf.constant(0), tf.constant(0), f0, tf.zeros_like(f0), v, zeros, zeros,
+             tf.constant(0), flow_loss(f0), tf.constant(True))
+
+    def advance(state, t):
+        return tf.while_loop(lambda i, *_: i < segments_to[t], segment, state)
+
+    return FlowSegments(
+        start, advance, read=lambda state, t: (tf.gather(state[5], t), tf.gather(state[6], t)),
+        steps=lambda state, t: (tf.cast(state[7], tf.float32) /
+                                tf.cast(tf.gather(taus_t, t), tf.float32)),
+        check=lambda state, t: state[9])
 
 
 # Dormand-Prince 5(4) (Hairer, Norsett & Wanner, Solving ODEs I, Table 5.2): stage matrix,
@@ -199,6 +241,27 @@ def dormand_prince_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol
         (attempted steps, rejected ones included), and whether every client reached the last
         tau. A client whose error turned non-finite or whose step vanished stops there, and a
         client the iteration limit cut off stops too: NaN in every R and f it did not reach.
+    """
+    flow = dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss, rtol, atol,
+                                   max_steps_per_grid_step)
+    last = -1
+    state = flow.advance(flow.start, last)
+    it, s, _, _, _, _, _, rs, fs, _ = state
+    taus = tf.cast(tf.convert_to_tensor(taus), tf.int32)
+    dtype = f0.dtype
+    missed = tf.cast(taus[:, None] >= s[None], dtype)[..., None, None]  # [T, B, 1, 1]
+    nan = tf.constant(float("nan"), dtype)
+    rs, fs = tf.where(missed > 0, nan, rs), tf.where(missed > 0, nan, fs)
+    return rs, fs, flow.steps(state, last), flow.check(state, last)
+
+
+def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-6,
+                            atol=1e-8, max_steps_per_grid_step=100):
+    """``dormand_prince_flow`` as ``FlowSegments`` (same arguments).
+
+    Advancing to a candidate runs the loop until every client has passed it; clients already
+    past it step on meanwhile, exactly as in the one-call flow, so each client's steps are the
+    same whatever the candidate at which its batch stops.
     """
     taus = tf.cast(tf.convert_to_tensor(taus), tf.int32)
     last = taus[-1]
@@ -278,14 +341,23 @@ def dormand_prince_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol
             tf.fill([batch], eta / 4), f0, rate(f0), loss.residual(f0, y) * m, zeros, zeros,
             tf.zeros([batch], tf.bool))
     limit = max_steps_per_grid_step * last
-    out = tf.while_loop(
-        lambda it, s, *rest: (it < limit) & tf.reduce_any((s <= last) & ~rest[-1]), step, init)
-    it, s, _, _, _, _, _, rs, fs, _ = out
-    missed = tf.cast(taus[:, None] >= s[None], dtype)[..., None, None]  # [T, B, 1, 1]
-    nan = tf.constant(float("nan"), dtype)
-    rs, fs = tf.where(missed > 0, nan, rs), tf.where(missed > 0, nan, fs)
-    finished = tf.reduce_all(s > last)
-    return rs, fs, tf.cast(it, tf.float32) / tf.cast(last, tf.float32), finished
+
+    def advance(state, t):
+        target = taus[t]
+        return tf.while_loop(
+            lambda it, s, *rest: (it < limit) & tf.reduce_any((s <= target) & ~rest[-1]), step,
+            state)
+
+    def read(state, t):  # NaN for a client that stopped before the candidate
+        s, rs, fs = state[1], state[7], state[8]
+        missed = (taus[t] >= s)[:, None, None]
+        nan = tf.constant(float("nan"), dtype)
+        return tf.where(missed, nan, tf.gather(rs, t)), tf.where(missed, nan, tf.gather(fs, t))
+
+    return FlowSegments(
+        init, advance, read,
+        steps=lambda state, t: tf.cast(state[0], tf.float32) / tf.cast(taus[t], tf.float32),
+        check=lambda state, t: tf.reduce_all(state[1] > taus[t]))
 
 
 def euler_flow(h, f0, y, mask, n, eta, taus, substeps, loss="cross_entropy",
@@ -304,6 +376,20 @@ def euler_flow(h, f0, y, mask, n, eta, taus, substeps, loss="cross_entropy",
         ``(R, f)``: residual sums [T, B, N, C] and flow predictions f(tau*eta) [T, B, N, C]
         (None when ``record_outputs`` is False).
     """
+    # One loop per candidate, each continuing the last: R_tau and f(tau * eta) are read between
+    # them, with no per-step bookkeeping (it cost as much memory traffic as the product with H).
+    flow = euler_segments(h, f0, y, mask, n, eta, taus, substeps, loss)
+    state, rs, fs = flow.start, [], []
+    for t in range(taus.shape[0]):  # static: a handful of candidates
+        state = flow.advance(state, t)
+        r, f = flow.read(state, t)
+        rs.append(r)
+        fs.append(f)
+    return tf.stack(rs), (tf.stack(fs) if record_outputs else None)
+
+
+def euler_segments(h, f0, y, mask, n, eta, taus, substeps, loss="cross_entropy"):
+    """``euler_flow`` as ``FlowSegments`` (same arguments)."""
     m, loss = mask[..., None], losses.get(loss)
     apply = as_operator(h)
     scale = (1.0 / n)[:, None, None]
@@ -315,15 +401,14 @@ def euler_flow(h, f0, y, mask, n, eta, taus, substeps, loss="cross_entropy",
         acc = acc + tf.cast(k % substeps == 0, f.dtype) * r
         return k + 1, f - dt * scale * apply(r), acc
 
-    # One loop per candidate, each continuing the last: R_tau and f(tau * eta) are read between
-    # them, with no per-step bookkeeping (it cost as much memory traffic as the product with H).
-    k, f, acc, rs, fs = tf.constant(0), f0, tf.zeros_like(f0), [], []
-    for t in range(taus.shape[0]):  # static: a handful of candidates
+    def advance(state, t):
         end = taus[t] * substeps
-        k, f, acc = tf.while_loop(lambda k, *_: k < end, micro_step, (k, f, acc))
-        rs.append(acc)
-        fs.append(f)
-    return tf.stack(rs), (tf.stack(fs) if record_outputs else None)
+        return tf.while_loop(lambda k, *_: k < end, micro_step, state)
+
+    return FlowSegments((tf.constant(0), f0, tf.zeros_like(f0)), advance,
+                        read=lambda state, t: (state[2], state[1]),
+                        steps=lambda state, t: tf.cast(substeps, tf.float32),
+                        check=lambda state, t: tf.constant(True))
 
 
 def mse_closed_form(h, f0, y, mask, n, eta, taus):

@@ -1,0 +1,96 @@
+"""One compiled NTK-DFL slice call (flow, candidates, tau choice), full grid against early stop.
+
+    python benchmarks/tau_search_call.py --batch=1,30 --calls=5
+    python benchmarks/tau_search_call.py --batch=1,30 --taus=100,200,300   # the earliest stop
+
+Real Fashion-MNIST neighbourhoods (alpha = 0.1, each of ``--members`` clients contributing
+``--per_client`` samples, as one Jacobian-batching slice of paper_fast holds), the MLP's initial
+weights, ``--learning_rate`` as the grid step and the default tau grid. For each client batch B
+the two searches' workers are compiled (XLA) on the same inputs and timed alternately; the
+kernel is formed outside the timed call. Prints one JSON line per (B, search): the median
+seconds per call, the candidates the call evaluated and the chosen taus' mean.
+"""
+
+import json
+import statistics
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_list("batch", ["1", "30"], "Clients per call B.")
+flags.DEFINE_integer("members", 6, "Clients per neighbourhood (kappa + 1).")
+flags.DEFINE_integer("per_client", 34, "Samples each member contributes (200 / m, m = 6).")
+flags.DEFINE_integer("calls", 5, "Timed calls per search, after one warm-up call.")
+flags.DEFINE_float("learning_rate", 0.01, "Grid step eta.")
+flags.DEFINE_list("taus", None, "Candidate grid (default: NTKDFL's); e.g. 100,200,300 times "
+                  "what a call costs when every client stops at the earliest.")
+flags.DEFINE_bool("jit_compile", True, "XLA-compile the call.")
+flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
+FLAGS = flags.FLAGS
+
+
+def neighbourhoods(batch):
+    """``batch`` real neighbourhoods: model functions, weights, features, labels and mask."""
+    import keras
+    import tensorflow as tf
+
+    import ntkdfl_tf as nd
+    from ntkdfl_tf.functional import ModelFunctions
+
+    (x, y), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
+    k = max(2 * FLAGS.members, 20)
+    split = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0,
+                                        samples_per_client=FLAGS.per_client)
+    rng = np.random.default_rng(0)
+    groups = [rng.choice(k, FLAGS.members, replace=False) for _ in range(batch)]
+    xs = np.stack([split.x[g].reshape((-1,) + split.x.shape[2:]) for g in groups])
+    mask = np.stack([(np.arange(split.x.shape[1])[None] < split.counts[g][:, None]).reshape(-1)
+                     for g in groups]).astype(np.float32)
+    labels = tf.one_hot(np.stack([split.y[g].reshape(-1) for g in groups]), 10) * mask[..., None]
+    keras.utils.set_random_seed(0)
+    fns = ModelFunctions(nd.models.mlp())
+    weights = [tf.constant(np.repeat(w[None], batch, 0)) for w in fns.initial_weights()]
+    feats = tf.reshape(fns.features(xs.reshape((-1,) + xs.shape[2:])), xs.shape[:2] + (-1,))
+    return fns, weights, feats, labels, tf.constant(mask)
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    import ntkdfl_tf as nd
+
+    for batch in (int(b) for b in FLAGS.batch):
+        fns, weights, feats, labels, mask = neighbourhoods(batch)
+        grid = {"taus": tuple(int(t) for t in FLAGS.taus)} if FLAGS.taus else {}
+        workers = {s: nd.algorithms.NTKDFL(tau_search=s, jit_compile=FLAGS.jit_compile,
+                                           client_batch=batch, **grid).make_worker(fns)
+                   for s in ("full", "early_stop")}
+        h = workers["full"].kernel(weights, feats, mask)
+        eta = tf.constant(FLAGS.learning_rate, tf.float32)
+        args = (weights, weights, feats, labels, mask, h, eta, tf.ones(mask.shape),
+                tf.zeros(labels.shape), tf.constant(False), None)
+        seconds = {s: [] for s in workers}
+        results = {s: w._evolve(*args) for s, w in workers.items()}  # compile
+        for _ in range(FLAGS.calls):  # alternate: the machine's load falls on both alike
+            for s, w in workers.items():
+                start = time.perf_counter()
+                results[s] = w._evolve(*args)
+                results[s].loss.numpy()
+                seconds[s].append(time.perf_counter() - start)
+        taus = np.asarray(workers["full"].algorithm.taus)
+        for s, result in results.items():
+            print(json.dumps({
+                "batch": batch, "tau_search": s, "n": int(mask.shape[1]), "taus": taus.tolist(),
+                "seconds_median": round(statistics.median(seconds[s]), 4),
+                "seconds": [round(v, 4) for v in seconds[s]],
+                "candidates_evaluated": int(result.evaluated),
+                "tau_mean": float(taus[result.tau_index.numpy()].mean()),
+                "same_taus_as_full": bool(np.array_equal(result.tau_index.numpy(),
+                                                         results["full"].tau_index.numpy()))}),
+                flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
