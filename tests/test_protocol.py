@@ -155,6 +155,27 @@ def test_explicit_packages_give_the_lazy_update(options):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4 * max(moved, 1.0), rtol=1e-3)
 
 
+def test_explicit_packages_past_the_memory_bound_run_in_sub_groups(monkeypatch):
+    """With room for one receiver's packages at a time, a call of 3 runs as 3 sub-groups (seen
+    in the calls) and gives the whole group's taus and weights up to float32 rounding."""
+    from ntkdfl_tf.algorithms import ntkdfl_worker
+
+    pairs = _pairs()
+    algorithm = nd.algorithms.NTKDFL(taus=(3, 8, 20), packages="explicit", client_batch=3,
+                                     jacobian_batches=2)
+    whole, hw = _fit(algorithm, pairs, rounds=2)
+    passes = []
+    real_run = ntkdfl_worker.NTKDFLWorker._run
+    monkeypatch.setattr(ntkdfl_worker, "PACKAGE_MEMORY_BYTES", 1)
+    monkeypatch.setattr(ntkdfl_worker.NTKDFLWorker, "_run", lambda self, context, call: (
+        passes.append(len(call.members)), real_run(self, context, call))[1])
+    split, hs = _fit(algorithm, pairs, rounds=2)
+    assert set(passes) == {1} and len(passes) == 2 * 6  # 5 clients in groups of 3: 6 passes
+    assert hw["tau"] == hs["tau"] and hw["bytes_sent"] == hs["bytes_sent"]
+    for a, b in zip(whole.client_weights, split.client_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+
+
 class _Recorder:
     """An executor that records NTK-DFL's calls and returns each member's averaged weights."""
 

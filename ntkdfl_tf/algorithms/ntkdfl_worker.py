@@ -14,6 +14,12 @@ from ntkdfl_tf import kernels, protocol
 from ntkdfl_tf.algorithms import base, package_screen
 from ntkdfl_tf.algorithms.ntkdfl import DOPRI_TOLERANCES, EvolveResult
 
+# Largest size of the Jacobian packages one worker call stacks per slice (explicit packages:
+# B receivers x their neighbourhood's rows x C x P floats). A call whose members' packages
+# would pass it runs its members in sub-groups that fit: 25 receivers of the MLP at m = 6
+# would stack 16 GB.
+PACKAGE_MEMORY_BYTES = 2 * 2**30
+
 
 class SliceResult(typing.NamedTuple):
     """One slice's evolution for a group of clients (tensors, ``[B]`` per client)."""
@@ -62,8 +68,40 @@ class NTKDFLWorker(base.Worker):
             self._slices = (round_index, list(zip(parts, positions)))
         return self._slices[1]
 
+    def forms_packages(self, context, call):
+        """Whether this call materialises the Jacobian packages (explicit packages, a lossy
+        codec, or a ``jacobian_noise`` attack on one of its slots) instead of keeping them
+        lazy."""
+        codec, attack = context.codec, context.attack
+        tampered = attack is not None and call.tampered is not None and call.tampered.any()
+        return (self.algorithm.packages == "explicit" or
+                (codec is not None and codec.changes_values) or
+                (tampered and attack.name == "jacobian_noise"))
+
+    def members_per_call(self, context, call):
+        """How many of the call's members one pass evolves together: all of them, or for
+        materialised packages as many as fit in ``PACKAGE_MEMORY_BYTES``."""
+        if not self.forms_packages(context, call):
+            return len(call.members)
+        rows = call.senders.shape[1] * -(-int(self._clients.mask.shape[1])
+                                          // self.algorithm.jacobian_batches)
+        member_bytes = rows * self.fns.num_classes * self.fns.num_params * 4
+        return max(1, min(len(call.members), PACKAGE_MEMORY_BYTES // member_bytes))
+
     def run(self, context, call):
-        """Evolves ``call.members``, slice after slice; returns an ``EvolveResult``."""
+        """Evolves ``call.members``, slice after slice; returns an ``EvolveResult``.
+
+        Members whose materialised packages would not fit in ``PACKAGE_MEMORY_BYTES`` together
+        run in consecutive sub-groups (each with its own codec and attack randomness, seeded by
+        its first member), and their results are joined.
+        """
+        size = self.members_per_call(context, call)
+        if size >= len(call.members):
+            return self._run(context, call)
+        parts = [slice(s, s + size) for s in range(0, len(call.members), size)]
+        return join_results([self._run(context, sub_call(call, p)) for p in parts])
+
+    def _run(self, context, call):
         algorithm = self.algorithm
         weights = [tf.constant(a) for a in call.weights]
         current, losses, taus, substeps, flow_losses, redone = weights, [], [], [], [], 0
@@ -74,9 +112,7 @@ class NTKDFLWorker(base.Worker):
         redo_rising = algorithm.flow == "euler_adaptive"  # the only flow without a guarantee
         codec = context.codec
         attack = context.attack if call.tampered is not None and call.tampered.any() else None
-        explicit = (algorithm.packages == "explicit" or (codec is not None and
-                                                          codec.changes_values) or
-                    (attack is not None and attack.name == "jacobian_noise"))
+        explicit = self.forms_packages(context, call)
         if (attack is not None or context.screen is not None) and self.matrix_free:
             raise ValueError("Byzantine packages and the package screen need H formed; use "
                              "kernel='dense' or 'auto', not 'matrix_free'.")
@@ -391,6 +427,36 @@ def _early_stop_search(flow, candidate, count, weights, stopped, flow_loss_of):
     # read at static candidate indices: the same rounding as the full search's last candidate
     steps = tf.gather(tf.stack([flow.steps(state, i) for i in range(count)]), last)
     return best, best_loss, best_index, best_flow, losses, t, steps, flow.check(state, last)
+
+
+def sub_call(call, part):
+    """The ``EvolveCall`` of the members ``part`` (a slice) of ``call``."""
+    def take(a):
+        return None if a is None else a[part]
+
+    return call._replace(members=call.members[part], weights=[w[part] for w in call.weights],
+                         senders=call.senders[part], valid=call.valid[part],
+                         keep=take(call.keep), tampered=take(call.tampered))
+
+
+def join_results(results):
+    """The ``EvolveResult`` of consecutive member sub-groups as one call's: per-member fields
+    concatenated, per-slice means weighted by the sub-groups' sizes, counts summed."""
+    sizes = np.array([len(r.loss) for r in results], np.float64)
+
+    def per_slice_mean(field):
+        return list(np.average(np.array([getattr(r, field) for r in results], np.float64),
+                               axis=0, weights=sizes))
+
+    return EvolveResult(
+        [np.concatenate([r.weights[v] for r in results]) for v in range(len(results[0].weights))],
+        *(np.concatenate([getattr(r, f) for r in results]) for f in ("loss", "tau")),
+        per_slice_mean("substeps"), np.concatenate([r.flow_loss for r in results]),
+        *(sum(getattr(r, f) for r in results) for f in ("redone", "clipped", "dropped",
+                                                          "over_budget")),
+        max(r.bound_max for r in results), per_slice_mean("candidates_evaluated"),
+        [np.concatenate(losses, axis=1) for losses in zip(*(r.candidate_losses
+                                                             for r in results))])
 
 
 def _without(h, drop):
