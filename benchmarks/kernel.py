@@ -2,6 +2,7 @@
 
     python benchmarks/kernel.py --sizes=200,1200,3000
     python benchmarks/kernel.py --model=cnn --sizes=200,1200 --repeats=2
+    python benchmarks/kernel.py --model=cnn --sizes=1200 --interleave=explicit,conv
 
 For each N (the first N Fashion-MNIST training images, MLP 784-100-10 at its initial weights,
 one client) and each implementation of ``ntkdfl_tf.kernels.KERNELS`` plus the naive reference
@@ -53,6 +54,9 @@ flags.DEFINE_integer("naive_max_n", 1200, "Largest N for the naive reference (it
 flags.DEFINE_integer("explicit_max_n", 3000, "Largest N for the chunked explicit kernel.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 flags.DEFINE_string("single", None, "Internal: 'kind,N' measures one case in this process.")
+flags.DEFINE_list("interleave", None, "Kernels (dense, conv, explicit) to time in this one "
+                  "process, their calls alternating, for each N: a ratio that the machine's load "
+                  "moves less than separate processes' (no memory figures).")
 FLAGS = flags.FLAGS
 
 C, D, HIDDEN = 10, 784, 100
@@ -133,6 +137,45 @@ def measure(kind, n):
             **extra}, out, v.numpy()
 
 
+def run_interleaved():
+    """Each N: every kernel of --interleave built once and warmed up, then --repeats rounds of
+    one call each, in turn; prints the medians, the speed-up of each kind over the first and
+    the largest deviation from the first's H."""
+    import keras
+    import tensorflow as tf
+
+    import ntkdfl_tf as nd
+    from ntkdfl_tf import kernels
+    from ntkdfl_tf.functional import ModelFunctions
+
+    (x, _), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
+    keras.utils.set_random_seed(0)
+    fns = ModelFunctions(nd.models.mlp("fashion_mnist") if FLAGS.model == "mlp"
+                         else nd.models.cnn("fashion_mnist"))
+    weights = [tf.constant(w[None]) for w in fns.initial_weights()]
+    for n in (int(s) for s in FLAGS.sizes):
+        feats, mask = fns.features(x[:n])[None], tf.ones((1, n))
+        built = {k: kernels.make_kernel(fns, k, **({"chunk": FLAGS.chunk} if k != "dense" else {}))
+                 for k in FLAGS.interleave}
+        out = {k: kernel(weights, feats, mask).numpy() for k, kernel in built.items()}
+        times = {k: [] for k in built}
+        for _ in range(FLAGS.repeats):
+            for k, kernel in built.items():
+                t0 = time.perf_counter()
+                kernel(weights, feats, mask).numpy()
+                times[k].append(time.perf_counter() - t0)
+        first = FLAGS.interleave[0]
+        med = {k: statistics.median(t) for k, t in times.items()}
+        print(json.dumps({"n": n, "model": FLAGS.model, "chunk": FLAGS.chunk,
+                          "seconds_median": {k: round(t, 4) for k, t in med.items()},
+                          "seconds": {k: [round(x, 4) for x in t] for k, t in times.items()},
+                          f"speedup_vs_{first}": {k: round(med[first] / t, 2)
+                                                  for k, t in med.items()},
+                          "max_rel_deviation": {k: float(np.abs(o - out[first]).max()
+                                                         / np.abs(out[first]).max())
+                                                for k, o in out.items()}}), flush=True)
+
+
 def run_single():
     kind, n = FLAGS.single.split(",")
     result, out, v = measure(kind, int(n))
@@ -145,6 +188,8 @@ def main(argv):
     del argv
     if FLAGS.single:
         return run_single()
+    if FLAGS.interleave:
+        return run_interleaved()
     import ntkdfl_tf.kernels as kernels
 
     # the conv kernel is for Conv2D stacks (on the MLP it repeats the dense kernel's closed form)
