@@ -76,20 +76,29 @@ def flops(kind, n, p, chunk=128):
     raise ValueError(kind)
 
 
-def measure(kind, n):
-    """One case, in this (fresh) process: timings, peak RSS and the result for comparison."""
+def _model_and_data():
+    """Fashion-MNIST's training images, the --model's functions and its initial weights
+    ``[1, ...]`` (the same in every process: seed 0)."""
     import keras
     import tensorflow as tf
 
     import ntkdfl_tf as nd
-    from ntkdfl_tf import kernels
     from ntkdfl_tf.functional import ModelFunctions
 
     (x, _), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
-    keras.utils.set_random_seed(0)  # every measurement process builds the same initial weights
+    keras.utils.set_random_seed(0)
     fns = ModelFunctions(nd.models.mlp("fashion_mnist") if FLAGS.model == "mlp"
                          else nd.models.cnn("fashion_mnist"))
-    weights = [tf.constant(w[None]) for w in fns.initial_weights()]
+    return x, fns, [tf.constant(w[None]) for w in fns.initial_weights()]
+
+
+def measure(kind, n):
+    """One case, in this (fresh) process: timings, peak RSS and the result for comparison."""
+    import tensorflow as tf
+
+    from ntkdfl_tf import kernels
+
+    x, fns, weights = _model_and_data()
     feats = fns.features(x[:n])[None]
     mask = tf.ones((1, n))
     v = tf.constant(np.random.default_rng(0).standard_normal((1, n, C)), tf.float32)
@@ -141,18 +150,11 @@ def run_interleaved():
     """Each N: every kernel of --interleave built once and warmed up, then --repeats rounds of
     one call each, in turn; prints the medians, the speed-up of each kind over the first and
     the largest deviation from the first's H."""
-    import keras
     import tensorflow as tf
 
-    import ntkdfl_tf as nd
     from ntkdfl_tf import kernels
-    from ntkdfl_tf.functional import ModelFunctions
 
-    (x, _), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
-    keras.utils.set_random_seed(0)
-    fns = ModelFunctions(nd.models.mlp("fashion_mnist") if FLAGS.model == "mlp"
-                         else nd.models.cnn("fashion_mnist"))
-    weights = [tf.constant(w[None]) for w in fns.initial_weights()]
+    x, fns, weights = _model_and_data()
     for n in (int(s) for s in FLAGS.sizes):
         feats, mask = fns.features(x[:n])[None], tf.ones((1, n))
         built = {k: kernels.make_kernel(fns, k, **({"chunk": FLAGS.chunk} if k != "dense" else {}))
