@@ -188,16 +188,16 @@ def test_a_defended_receiver_that_heard_no_one_keeps_its_own_weights():
 
 
 # -- the package screen ------------------------------------------------------------------------
-def _kernel_case():
-    """Two receivers' neighbourhoods of 3 slots x 2 samples with a hand-built kernel."""
+def _kernel_case(slots=3):
+    """Two receivers' neighbourhoods of ``slots`` slots x 2 samples with a hand-built kernel."""
     rng = np.random.default_rng(0)
-    feats = rng.uniform(0.5, 1.0, size=(2, 6, 4))
+    feats = rng.uniform(0.5, 1.0, size=(2, 2 * slots, 4))
     h = np.einsum("bnd,bmd->bnm", feats, feats)  # positive entries, like a ReLU net's NTK
-    logits = np.zeros((2, 6, 3))
-    labels = np.zeros((2, 6, 3))
+    logits = np.zeros((2, 2 * slots, 3))
+    labels = np.zeros((2, 2 * slots, 3))
     labels[:, :, 0] = 1.0
     logits[:, :, 0] = 2.0  # every slot fits its labels equally well
-    return h, logits, labels, np.ones((2, 6))
+    return h, logits, labels, np.ones((2, 2 * slots))
 
 
 def test_the_screen_leaves_consistent_packages_alone():
@@ -243,6 +243,17 @@ def test_the_fit_check_keeps_a_worse_but_better_than_uniform_slot():
     without_floor = package_screen.screen(h, logits, labels, mask, slots=3,
                                           params={"loss_floor": 1e-9})
     assert without_floor.dropped.tolist() == [[False, False, True], [False, False, False]]
+
+
+def test_a_byzantine_half_of_the_slots_cannot_raise_the_fit_bar():
+    h, logits, labels, mask = _kernel_case(slots=4)
+    logits[0, 4:, 0] = -8.0  # receiver 0: slots 2 and 3 of 4 miss their labels (loss ~10)
+    honest = np.log(1 + 2 * np.exp(-2.0))  # 0.24: the own and the honest slot
+    byz = np.log(1 + 2 * np.exp(8.0))  # 8.7
+    median = (honest + byz) / 2  # of the four slot losses, by hand
+    assert 3 * median > byz  # the neighbourhood median alone would keep both
+    result = package_screen.screen(h, logits, labels, mask, slots=4)
+    assert result.dropped.tolist() == [[False, False, True, True], [False] * 4]
 
 
 def test_the_screen_drops_sign_flipped_packages_in_training_and_no_honest_one():

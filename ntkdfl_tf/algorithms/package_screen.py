@@ -15,9 +15,13 @@ screen costs no extra Jacobian:
    ``min_cosine`` (a negated or noise-dominated Jacobian) is dropped.
 3. **Fit.** Its sent logits and labels agree about as well as everyone else's at the
    receiver's averaged weights: a slot whose mean cross-entropy exceeds ``loss_ratio`` times
-   the median over the neighbourhood's slots (flipped labels, shifted logits) and is worse
-   than ``loss_floor`` times a uniform guess's (ln C) is dropped. The floor is what keeps
-   honest non-IID neighbours: once the clients fit their own data, the median is small and an
+   the reference loss (flipped labels, shifted logits) and is worse than ``loss_floor`` times
+   a uniform guess's (ln C) is dropped. The reference is the lower of the median over the
+   neighbourhood's slots and the receiver's own slot's loss: with the median alone, a
+   neighbourhood where half the slots are Byzantine (some honest client meets one almost every
+   round) has a Byzantine median, which raises the bar above the Byzantine slots themselves;
+   the receiver's own loss cannot be raised by a sender. The floor is what keeps honest
+   non-IID neighbours: once the clients fit their own data, the reference is small and an
    honest neighbour's unfamiliar classes exceed a few times it, but rarely ln C, which flipped
    labels exceed by far (RESULTS.md §8).
 
@@ -102,8 +106,9 @@ def screen(h, logits, labels, mask, slots, params=None):
     with np.errstate(all="ignore"):
         median = np.nanmedian(np.where(np.isnan(slot_loss).all(1, keepdims=True), 0.0, slot_loss),
                               axis=1)
+    reference = np.fmin(median, slot_loss[:, 0])  # fmin: the median where there are no own rows
     uniform = np.log(labels.shape[-1])  # a uniform guess's cross-entropy
-    misfit = present & (slot_loss > np.maximum(p["loss_ratio"] * median[:, None],
+    misfit = present & (slot_loss > np.maximum(p["loss_ratio"] * reference[:, None],
                                                p["loss_floor"] * uniform))
     dropped = wrong_way | misfit
     row_keep = 1.0 - np.repeat(dropped, n, axis=1)
