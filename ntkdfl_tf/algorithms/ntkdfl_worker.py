@@ -448,15 +448,22 @@ def join_results(results):
         return list(np.average(np.array([getattr(r, field) for r in results], np.float64),
                                axis=0, weights=sizes))
 
+    def joined(field):
+        return np.concatenate([getattr(r, field) for r in results])
+
+    def total(field):
+        return sum(getattr(r, field) for r in results)
+
     return EvolveResult(
-        [np.concatenate([r.weights[v] for r in results]) for v in range(len(results[0].weights))],
-        *(np.concatenate([getattr(r, f) for r in results]) for f in ("loss", "tau")),
-        per_slice_mean("substeps"), np.concatenate([r.flow_loss for r in results]),
-        *(sum(getattr(r, f) for r in results) for f in ("redone", "clipped", "dropped",
-                                                          "over_budget")),
-        max(r.bound_max for r in results), per_slice_mean("candidates_evaluated"),
-        [np.concatenate(losses, axis=1) for losses in zip(*(r.candidate_losses
-                                                             for r in results))])
+        weights=[np.concatenate([r.weights[v] for r in results])
+                 for v in range(len(results[0].weights))],
+        loss=joined("loss"), tau=joined("tau"), substeps=per_slice_mean("substeps"),
+        flow_loss=joined("flow_loss"), redone=total("redone"), clipped=total("clipped"),
+        dropped=total("dropped"), over_budget=total("over_budget"),
+        bound_max=max(r.bound_max for r in results),
+        candidates_evaluated=per_slice_mean("candidates_evaluated"),
+        candidate_losses=[np.concatenate(losses, axis=1)
+                          for losses in zip(*(r.candidate_losses for r in results))])
 
 
 def _without(h, drop):
