@@ -255,7 +255,7 @@ def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headli
         write_rows(matrix_csv, rows)
     heatmap(rows, os.path.join(logdir, "heatmap.png"))
     with atomic_open(os.path.join(logdir, "matrix.md"), "w") as f:
-        f.write(table(rows))
+        f.write(matrix_text(rows, headline))
     return rows
 
 
@@ -279,6 +279,79 @@ def table(rows):
             out.append(f"| {attack} {params} | " + " | ".join(values) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def headline_tables(rows, headline=None):
+    """The ``fractions``, ``seeds`` and ``dpsgd`` parts as markdown tables (the cells each part
+    names, wherever they were run; "—" where a cell is not in ``rows``).
+
+    Args:
+        headline: as ``cells``; default ``headline_from(rows)``.
+    """
+    headline = headline or headline_from(rows)
+    by_name = {r["cell"]: r for r in rows}
+
+    def text(cell):
+        return _cell_text(by_name[cell.name]) if cell.name in by_name else "—"
+
+    out = []
+    for alg, (attack, params, best) in sorted(headline.items()):
+        label = f"`{attack}{' ' + params if params else ''}`"
+        out += [f"**{alg}, Byzantine fraction** (strongest attack {label}; honest aggregate / "
+                "worst-10%, last round; fraction 0 is the no-attack cell)", "",
+                "| defence | 0 | 0.1 | 0.2 | 0.3 |", "|---|---|---|---|---|"]
+        for d in ("none", best):
+            values = [text(Cell(alg, "none", "", d, 0.0))]
+            values += [text(Cell(alg, attack, params, d, f)) for f in (0.1, 0.2, 0.3)]
+            out.append(f"| `{d}` | " + " | ".join(values) + " |")
+        out += ["", f"**{alg}, seeds and alpha** (honest aggregate / worst-10%, last round; "
+                "mean ± sd of the honest aggregate over the seeds measured)", "",
+                "| cell | seed 0 | seed 1 | seed 2 | mean ± sd | alpha = 0.5 |",
+                "|---|---|---|---|---|---|"]
+        heads = [("none", "", "none", 0.0), ("none", "", best, 0.0),
+                 (attack, params, "none", 0.2), (attack, params, best, 0.2)]
+        for a, p, d, f in heads:
+            seeds = [Cell(alg, a, p, d, f, seed) for seed in (0, 1, 2)]
+            accs = [float(by_name[c.name]["honest_aggregate"]) for c in seeds
+                    if c.name in by_name and by_name[c.name]["honest_aggregate"] != ""]
+            spread = (f"{np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f} ({len(accs)})"
+                      if len(accs) > 1 else "—")
+            values = [text(c) for c in seeds] + [spread, text(Cell(alg, a, p, d, f, 0, 0.5))]
+            out.append(f"| {a} {p} / `{d}` | " + " | ".join(values) + " |")
+        out.append("")
+    if "dfedavg" in headline:
+        dpsgd = cells("dpsgd", headline=headline)
+        out += ["**dpsgd** (DFedAvg's strongest attack; honest aggregate / worst-10%)", "",
+                "| attack | defence | result |", "|---|---|---|"]
+        out += [f"| {c.attack} {c.attack_params} | `{c.defence}` | {text(c)} |" for c in dpsgd]
+        out.append("")
+    return "\n".join(out)
+
+
+def export(logdir, dest, headline=None):
+    """Copies a matrix's results into ``dest`` (e.g. ``docs/results/byzantine``): matrix.csv,
+    each cell's history as ``histories/<cell>.csv``, matrix.md (every table) and heatmap.png.
+    Returns the rows."""
+    rows = read_csv(os.path.join(logdir, "matrix.csv"))
+    if not rows:
+        raise ValueError(f"no matrix rows in {logdir!r}: run a part into it first.")
+    os.makedirs(os.path.join(dest, "histories"), exist_ok=True)
+    write_rows(os.path.join(dest, "matrix.csv"), rows)
+    for r in rows:
+        source = os.path.join(logdir, r["cell"], "history.csv")
+        if os.path.exists(source):
+            with open(source) as f, atomic_open(os.path.join(dest, "histories",
+                                                             r["cell"] + ".csv"), "w") as g:
+                g.write(f.read())
+    heatmap(rows, os.path.join(dest, "heatmap.png"))
+    with atomic_open(os.path.join(dest, "matrix.md"), "w") as f:
+        f.write(matrix_text(rows, headline))
+    return rows
+
+
+def matrix_text(rows, headline=None):
+    """``table`` and, for the algorithms whose headline is known, ``headline_tables``."""
+    return table(rows) + "\n" + headline_tables(rows, headline)
 
 
 def _cell_text(row):

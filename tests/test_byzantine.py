@@ -352,6 +352,40 @@ def test_a_cell_summary_and_its_table_read_the_last_round():
     assert "| alie  | — | 0.650 / 0.250 |" in text and "| none  | 0.700 / 0.300 |" in text
 
 
+def test_the_headline_tables_place_each_part_s_cells(tmp_path):
+    """Fractions, seeds and D-PSGD cells land in their columns, the seed spread is a hand
+    count, and ``export`` writes the tables, rows and histories into the destination."""
+    def row(cell, acc):
+        return {"cell": cell.name, "part": "x", "algorithm": cell.algorithm,
+                "attack": cell.attack, "attack_params": cell.attack_params,
+                "defence": cell.defence, "fraction": cell.fraction, "seed": cell.seed,
+                "alpha": cell.alpha, "honest_aggregate": acc, "honest_worst10": acc / 2,
+                "diverged_round": ""}
+
+    Cell = robustness.Cell
+    rows = [row(Cell("dfedavg", "none", "", "none", 0.0), 0.8),
+            row(Cell("dfedavg", "scaling", "", "median", 0.3), 0.6),
+            row(Cell("dfedavg", "scaling", "", "none", 0.2, 1), 0.1),
+            row(Cell("dfedavg", "scaling", "", "none", 0.2, 2), 0.3),
+            row(Cell("dfedavg", "scaling", "", "none", 0.2, 0, 0.5), 0.4),
+            row(Cell("dpsgd", "scaling", "", "median", 0.2), 0.7)]
+    text = robustness.headline_tables(rows, {"dfedavg": ("scaling", "", "median")})
+    assert "| `none` | 0.800 / 0.400 | — | — | — |" in text
+    assert "| `median` | — | — | — | 0.600 / 0.300 |" in text
+    spread = f"{np.mean([0.1, 0.3]):.3f} ± {np.std([0.1, 0.3], ddof=1):.3f} (2)"
+    assert f"| scaling  / `none` | — | 0.100 / 0.050 | 0.300 / 0.150 | {spread} | " \
+           "0.400 / 0.200 |" in text
+    assert "| scaling  | `median` | 0.700 / 0.350 |" in text
+    logdir, dest = tmp_path / "runs", tmp_path / "docs"
+    os.makedirs(logdir / rows[1]["cell"])
+    (logdir / rows[1]["cell"] / "history.csv").write_text("round,val_accuracy\n1,0.6\n")
+    robustness.write_rows(str(logdir / "matrix.csv"), rows)
+    robustness.export(str(logdir), str(dest), {"dfedavg": ("scaling", "", "median")})
+    assert (dest / "histories" / (rows[1]["cell"] + ".csv")).read_text().endswith("1,0.6\n")
+    assert "| `median` | — | — | — | 0.600 / 0.300 |" in (dest / "matrix.md").read_text()
+    assert len(robustness.read_csv(str(dest / "matrix.csv"))) == len(rows)
+
+
 def test_a_part_runs_its_cells_resumes_and_writes_its_table(tmp_path, monkeypatch):
     base = experiment.Config(algorithm="dfedavg", num_clients=8, samples_per_client=30,
                              num_neighbors=2, rounds=1, local_epochs=1, verbose=0,

@@ -6,8 +6,10 @@
     ntkdfl-byzantine --part=seeds --logdir=runs/byzantine
     ntkdfl-byzantine --part=dpsgd --logdir=runs/byzantine
 
-Writes <logdir>/<cell>/history.csv, <logdir>/matrix.csv and <logdir>/heatmap.png; a killed part
-resumes where it stopped when run again.
+Writes <logdir>/<cell>/history.csv, <logdir>/matrix.csv, matrix.md and heatmap.png; a killed part
+resumes where it stopped when run again. To publish a logdir's results (as RESULTS.md §8 does):
+
+    ntkdfl-byzantine --logdir=runs/byzantine --export=docs/results/byzantine
 """
 
 from absl import flags
@@ -26,6 +28,8 @@ flags.DEFINE_string("headline", None, "For the fractions, seeds and dpsgd parts:
                     "strongest attack and best defence, e.g. ntk_dfl=jacobian_sign_flip/"
                     "balance+screen,dfedavg=gaussian/clipping (default: read from the attacks "
                     "rows).")
+flags.DEFINE_string("export", None, "Copy the logdir's results (matrix.csv, histories, "
+                    "matrix.md, heatmap.png) into this directory and exit; runs nothing.")
 FLAGS = flags.FLAGS
 
 
@@ -35,6 +39,10 @@ def main(argv):
         FLAGS.preset = "byzantine"
     values = cli_flags.config_values(skip=SWEPT)
     headline = robustness.parse_headline(FLAGS.headline) if FLAGS.headline else None
+    if FLAGS.export:
+        rows = robustness.export(values["logdir"], FLAGS.export, headline)
+        print(f"{len(rows)} cells exported to {FLAGS.export}")
+        return
     robustness.run_part(experiment.Config(**values), FLAGS.part, FLAGS.algorithms,
                         FLAGS.fraction, headline=headline, only=FLAGS.only)
 
