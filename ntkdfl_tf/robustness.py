@@ -350,8 +350,20 @@ def export(logdir, dest, headline=None):
 
 
 def matrix_text(rows, headline=None):
-    """``table`` and, for the algorithms whose headline is known, ``headline_tables``."""
-    return table(rows) + "\n" + headline_tables(rows, headline)
+    """``table``, for the algorithms whose headline is known ``headline_tables``, and each
+    part's machine time."""
+    return table(rows) + "\n" + headline_tables(rows, headline) + "\n" + part_times(rows)
+
+
+def part_times(rows):
+    """Each part's cells and the sum of their wall times (a cell counts in the part that ran
+    it first), as one markdown line."""
+    seconds, count = {}, {}
+    for r in rows:
+        seconds[r["part"]] = seconds.get(r["part"], 0.0) + float(r["wall_seconds"] or 0.0)
+        count[r["part"]] = count.get(r["part"], 0) + 1
+    return "Cell time by part (sum over its cells): " + "; ".join(
+        f"{p} {count[p]} cells, {seconds[p] / 3600:.1f} h" for p in PARTS if p in count) + ".\n"
 
 
 def _cell_text(row):

@@ -384,6 +384,10 @@ def test_the_headline_tables_place_each_part_s_cells(tmp_path):
     assert (dest / "histories" / (rows[1]["cell"] + ".csv")).read_text().endswith("1,0.6\n")
     assert "| `median` | — | — | — | 0.600 / 0.300 |" in (dest / "matrix.md").read_text()
     assert len(robustness.read_csv(str(dest / "matrix.csv"))) == len(rows)
+    timed = [{"part": "attacks", "wall_seconds": "1800"}, {"part": "attacks", "wall_seconds": 900},
+             {"part": "no_attack", "wall_seconds": 360}]
+    assert robustness.part_times(timed) == ("Cell time by part (sum over its cells): no_attack "
+                                            "1 cells, 0.1 h; attacks 2 cells, 0.8 h.\n")
 
 
 def test_a_part_runs_its_cells_resumes_and_writes_its_table(tmp_path, monkeypatch):
