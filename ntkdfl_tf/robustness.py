@@ -25,7 +25,8 @@ import numpy as np
 from ntkdfl_tf import data, experiment
 from ntkdfl_tf.errors import DivergenceError
 from ntkdfl_tf.callbacks.history_csv import read_history
-from ntkdfl_tf.io import atomic_open, read_csv, save_figure, write_csv
+from ntkdfl_tf.io import (atomic_open, block_markers, read_csv, save_figure,
+                          update_markdown, write_csv)
 
 PARTS = ("no_attack", "attacks", "fractions", "seeds", "dpsgd")
 WEIGHT_DEFENCES = ("none", "median", "trimmed_mean", "clipping", "balance")
@@ -328,9 +329,13 @@ def headline_tables(rows, headline=None):
     return "\n".join(out)
 
 
-def export(logdir, dest, headline=None):
+BEGIN, END = block_markers("byzantine", "ntkdfl-byzantine --export")
+
+
+def export(logdir, dest, headline=None, results_md=None):
     """Copies a matrix's results into ``dest`` (e.g. ``docs/results/byzantine``): matrix.csv,
-    each cell's history as ``histories/<cell>.csv``, matrix.md (every table) and heatmap.png.
+    each cell's history as ``histories/<cell>.csv``, matrix.md (every table) and heatmap.png;
+    with ``results_md``, the tables also replace that file's ``BEGIN`` ... ``END`` block.
     Returns the rows."""
     rows = read_csv(os.path.join(logdir, "matrix.csv"))
     if not rows:
@@ -344,8 +349,11 @@ def export(logdir, dest, headline=None):
                                                              r["cell"] + ".csv"), "w") as g:
                 g.write(f.read())
     heatmap(rows, os.path.join(dest, "heatmap.png"))
+    text = matrix_text(rows, headline)
     with atomic_open(os.path.join(dest, "matrix.md"), "w") as f:
-        f.write(matrix_text(rows, headline))
+        f.write(text)
+    if results_md:
+        update_markdown(results_md, text, BEGIN, END)
     return rows
 
 

@@ -380,7 +380,12 @@ def test_the_headline_tables_place_each_part_s_cells(tmp_path):
     os.makedirs(logdir / rows[1]["cell"])
     (logdir / rows[1]["cell"] / "history.csv").write_text("round,val_accuracy\n1,0.6\n")
     robustness.write_rows(str(logdir / "matrix.csv"), rows)
-    robustness.export(str(logdir), str(dest), {"dfedavg": ("scaling", "", "median")})
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(f"# R\n{robustness.BEGIN}\nold\n{robustness.END}\nafter\n")
+    robustness.export(str(logdir), str(dest), {"dfedavg": ("scaling", "", "median")},
+                      str(results_md))
+    assert "| `median` | — | — | — | 0.600 / 0.300 |" in results_md.read_text()
+    assert "old" not in results_md.read_text() and results_md.read_text().endswith("after\n")
     assert (dest / "histories" / (rows[1]["cell"] + ".csv")).read_text().endswith("1,0.6\n")
     assert "| `median` | — | — | — | 0.600 / 0.300 |" in (dest / "matrix.md").read_text()
     assert len(robustness.read_csv(str(dest / "matrix.csv"))) == len(rows)
