@@ -10,6 +10,7 @@ import contextlib
 import csv
 import os
 import secrets
+import shutil
 
 
 def _create_temp(folder, name, suffix):
@@ -73,6 +74,12 @@ def atomic_path(path, suffix=".tmp"):
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync(folder, directory=True)  # makes the rename itself survive a power cut
+
+
+def copy_file(source, path):
+    """Copies ``source`` to ``path`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def save_figure(figure, path, dpi=120):

@@ -224,7 +224,7 @@ def run_part(todo, results, dataset=None, progress=print):
         experiment.run(r.config, dataset=dataset)
         history_csv = os.path.join(r.config.logdir, "history.csv")
         row = summarise(r, read_history(history_csv), time.perf_counter() - start)
-        shutil.copyfile(history_csv, os.path.join(results, "histories", f"{r.name}.csv"))
+        io.copy_file(history_csv, os.path.join(results, "histories", f"{r.name}.csv"))
         write_csv(runs_csv, [x for x in read_csv(runs_csv) if x["run"] != r.name] + [row],
                   FIELDS)
         write_outputs(results, read_csv(runs_csv))

@@ -25,7 +25,7 @@ import numpy as np
 from ntkdfl_tf import data, experiment
 from ntkdfl_tf.errors import DivergenceError
 from ntkdfl_tf.callbacks.history_csv import read_history
-from ntkdfl_tf.io import (atomic_open, block_markers, read_csv, save_figure,
+from ntkdfl_tf.io import (atomic_open, block_markers, copy_file, read_csv, save_figure,
                           update_markdown, write_csv)
 
 PARTS = ("no_attack", "attacks", "fractions", "seeds", "dpsgd")
@@ -282,12 +282,13 @@ def table(rows):
     return "\n".join(out)
 
 
-def headline_tables(rows, headline=None):
-    """The ``fractions``, ``seeds`` and ``dpsgd`` parts as markdown tables (the cells each part
-    names, wherever they were run; "—" where a cell is not in ``rows``).
+def headline_tables(rows, headline=None, fraction=0.2):
+    """The ``fractions``, ``seeds`` and ``dpsgd`` parts as markdown tables: the cells ``cells``
+    names for each part, wherever they were run ("—" where a cell is not in ``rows``).
 
     Args:
         headline: as ``cells``; default ``headline_from(rows)``.
+        fraction: the seeds part's Byzantine share, as ``cells``.
     """
     headline = headline or headline_from(rows)
     by_name = {r["cell"]: r for r in rows}
@@ -295,36 +296,43 @@ def headline_tables(rows, headline=None):
     def text(cell):
         return _cell_text(by_name[cell.name]) if cell.name in by_name else "—"
 
+    def grouped(part_cells, key):
+        groups = {}
+        for c in part_cells:
+            groups.setdefault(key(c), []).append(c)
+        return groups.values()
+
     out = []
-    for alg, (attack, params, best) in sorted(headline.items()):
+    for alg, (attack, params, _) in sorted(headline.items()):
         label = f"`{attack}{' ' + params if params else ''}`"
         out += [f"**{alg}, Byzantine fraction** (strongest attack {label}; honest aggregate / "
                 "worst-10%, last round; fraction 0 is the no-attack cell)", "",
                 "| defence | 0 | 0.1 | 0.2 | 0.3 |", "|---|---|---|---|---|"]
-        for d in ("none", best):
-            values = [text(Cell(alg, "none", "", d, 0.0))]
-            values += [text(Cell(alg, attack, params, d, f)) for f in (0.1, 0.2, 0.3)]
-            out.append(f"| `{d}` | " + " | ".join(values) + " |")
+        for row in grouped(cells("fractions", (alg,), headline=headline), lambda c: c.defence):
+            row = sorted(row, key=lambda c: c.fraction)
+            out.append(f"| `{row[0].defence}` | " + " | ".join(map(text, row)) + " |")
         out += ["", f"**{alg}, seeds and alpha** (honest aggregate / worst-10%, last round; "
                 "mean ± sd of the honest aggregate over the seeds measured)", "",
                 "| cell | seed 0 | seed 1 | seed 2 | mean ± sd | alpha = 0.5 |",
                 "|---|---|---|---|---|---|"]
-        heads = [("none", "", "none", 0.0), ("none", "", best, 0.0),
-                 (attack, params, "none", 0.2), (attack, params, best, 0.2)]
-        for a, p, d, f in heads:
-            seeds = [Cell(alg, a, p, d, f, seed) for seed in (0, 1, 2)]
+        part_cells = cells("seeds", (alg,), fraction, headline)
+        for group in grouped(part_cells, lambda c: c._replace(seed=0, alpha=0.1)):
+            first = group[0]._replace(seed=0, alpha=0.1)  # seed 0 is the attacks part's cell
+            seeds = [first] + [c for c in group if c.alpha == first.alpha]
+            other = [c for c in group if c.alpha != first.alpha]
             accs = [float(by_name[c.name]["honest_aggregate"]) for c in seeds
                     if c.name in by_name and by_name[c.name]["honest_aggregate"] != ""]
             spread = (f"{np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f} ({len(accs)})"
                       if len(accs) > 1 else "—")
-            values = [text(c) for c in seeds] + [spread, text(Cell(alg, a, p, d, f, 0, 0.5))]
-            out.append(f"| {a} {p} / `{d}` | " + " | ".join(values) + " |")
+            values = [text(c) for c in seeds] + [spread] + [text(c) for c in other]
+            out.append(f"| {first.attack} {first.attack_params} / `{first.defence}` | "
+                       + " | ".join(values) + " |")
         out.append("")
     if "dfedavg" in headline:
-        dpsgd = cells("dpsgd", headline=headline)
         out += ["**dpsgd** (DFedAvg's strongest attack; honest aggregate / worst-10%)", "",
                 "| attack | defence | result |", "|---|---|---|"]
-        out += [f"| {c.attack} {c.attack_params} | `{c.defence}` | {text(c)} |" for c in dpsgd]
+        out += [f"| {c.attack} {c.attack_params} | `{c.defence}` | {text(c)} |"
+                for c in cells("dpsgd", headline=headline)]
         out.append("")
     return "\n".join(out)
 
@@ -345,9 +353,7 @@ def export(logdir, dest, headline=None, results_md=None):
     for r in rows:
         source = os.path.join(logdir, r["cell"], "history.csv")
         if os.path.exists(source):
-            with open(source) as f, atomic_open(os.path.join(dest, "histories",
-                                                             r["cell"] + ".csv"), "w") as g:
-                g.write(f.read())
+            copy_file(source, os.path.join(dest, "histories", r["cell"] + ".csv"))
     heatmap(rows, os.path.join(dest, "heatmap.png"))
     text = matrix_text(rows, headline)
     with atomic_open(os.path.join(dest, "matrix.md"), "w") as f:

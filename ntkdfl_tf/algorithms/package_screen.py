@@ -18,9 +18,9 @@ screen costs no extra Jacobian:
    the reference loss (flipped labels, shifted logits) and is worse than ``loss_floor`` times
    a uniform guess's (ln C) is dropped. The reference is the lower of the median over the
    neighbourhood's slots and the receiver's own slot's loss: with the median alone, a
-   neighbourhood where half the slots are Byzantine (some honest client meets one almost every
-   round) has a Byzantine median, which raises the bar above the Byzantine slots themselves;
-   the receiver's own loss cannot be raised by a sender. The floor is what keeps honest
+   neighbourhood where half the slots are Byzantine (in the matrix some honest client meets
+   one every round) has a Byzantine median, which raises the bar above the Byzantine slots
+   themselves; the receiver's own loss cannot be raised by a sender. The floor is what keeps honest
    non-IID neighbours: once the clients fit their own data, the reference is small and an
    honest neighbour's unfamiliar classes exceed a few times it, but rarely ln C, which flipped
    labels exceed by far (RESULTS.md §8).
