@@ -51,13 +51,8 @@ def neighbourhoods(rng):
                                         samples_per_client=FLAGS.samples_per_client)
     members = [rng.choice(FLAGS.clients, FLAGS.num_neighbors + 1, replace=False)
                for _ in range(FLAGS.neighbourhoods)]
-    n_max = split.x.shape[1]
-    xs = np.stack([split.x[m].reshape((-1,) + split.x.shape[2:]) for m in members])
-    ys = np.stack([split.y[m].reshape(-1) for m in members])
-    mask = np.stack([(np.arange(n_max)[None] < split.counts[m][:, None]).reshape(-1)
-                     for m in members]).astype(np.float32)
-    labels = tf.one_hot(ys, 10) * mask[..., None]
-    return xs, labels, tf.constant(mask)
+    xs, labels, mask = split.neighbourhoods(members, 10)
+    return xs, tf.constant(labels), tf.constant(mask)
 
 
 def weights_after(epochs, xs, labels, mask, seed):

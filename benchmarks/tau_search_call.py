@@ -44,15 +44,12 @@ def neighbourhoods(batch):
                                         samples_per_client=FLAGS.per_client)
     rng = np.random.default_rng(0)
     groups = [rng.choice(k, FLAGS.members, replace=False) for _ in range(batch)]
-    xs = np.stack([split.x[g].reshape((-1,) + split.x.shape[2:]) for g in groups])
-    mask = np.stack([(np.arange(split.x.shape[1])[None] < split.counts[g][:, None]).reshape(-1)
-                     for g in groups]).astype(np.float32)
-    labels = tf.one_hot(np.stack([split.y[g].reshape(-1) for g in groups]), 10) * mask[..., None]
+    xs, labels, mask = split.neighbourhoods(groups, 10)
     keras.utils.set_random_seed(0)
     fns = ModelFunctions(nd.models.mlp())
     weights = [tf.constant(np.repeat(w[None], batch, 0)) for w in fns.initial_weights()]
     feats = tf.reshape(fns.features(xs.reshape((-1,) + xs.shape[2:])), xs.shape[:2] + (-1,))
-    return fns, weights, feats, labels, tf.constant(mask)
+    return fns, weights, feats, tf.constant(labels), tf.constant(mask)
 
 
 def main(argv):

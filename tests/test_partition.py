@@ -142,3 +142,17 @@ def test_client_data_from_arrays():
                                       np.bincount(yk, minlength=NUM_CLASSES))
     with pytest.raises(ValueError, match="empty clients: \\[1\\]"):
         ClientData.from_arrays([arrays[0], (np.zeros((0, 2)), np.zeros(0, int))])
+
+
+def test_neighbourhoods_pool_each_group_of_clients_with_padding_masked():
+    """Hand-built: clients hold 1, 2 and 2 samples (padded to 2); group (2, 0) pools client 2's
+    two samples, then client 0's one sample and its padding row."""
+    data = ClientData.from_arrays([(np.array([[1.0]]), np.array([1])),
+                                   (np.array([[2.0], [3.0]]), np.array([0, 2])),
+                                   (np.array([[4.0], [5.0]]), np.array([2, 0]))])
+    pooled = data.neighbourhoods([[2, 0], [1, 1]], num_classes=3)
+    np.testing.assert_array_equal(pooled.x[..., 0], [[4, 5, 1, 0], [2, 3, 2, 3]])
+    np.testing.assert_array_equal(pooled.mask, [[1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(pooled.labels[0], [[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(pooled.labels[1].argmax(1), [0, 2, 0, 2])
+    assert pooled.labels.dtype == np.float32

@@ -1,7 +1,7 @@
 """Datasets, partitioners and the stacked per-client data container."""
 
 from ntkdfl_tf.data.arrays import from_arrays
-from ntkdfl_tf.data.client_data import ClientData
+from ntkdfl_tf.data.client_data import ClientData, Neighbourhoods
 from ntkdfl_tf.data.load import (DATASETS, DataChecksumError, DataNotFoundError, check_name,
                                  load)
 from ntkdfl_tf.data.partition import (PARTITIONS, dirichlet_partition, iid_partition,

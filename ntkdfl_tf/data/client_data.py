@@ -3,7 +3,24 @@
 import dataclasses
 import hashlib
 
+import typing
+
 import numpy as np
+
+
+class Neighbourhoods(typing.NamedTuple):
+    """The pooled data of several groups of clients, one group per row.
+
+    Attributes:
+        x: inputs, shape (groups, members * max_samples, *input_shape).
+        labels: one-hot labels (zero on padding rows), float32, (groups, members *
+            max_samples, num_classes).
+        mask: float32 (groups, members * max_samples): 1 for real samples, 0 for padding.
+    """
+
+    x: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +63,21 @@ class ClientData:
         for k in range(num_classes):
             counts[:, k] = ((self.y == k) * self.mask).sum(axis=1)
         return counts
+
+    def neighbourhoods(self, groups, num_classes):
+        """The data of each group of clients pooled in one row, as a receiver sees its
+        neighbourhood's (members in the order given, each padded to ``max_samples``).
+
+        Args:
+            groups: client indices, shape (num_groups, members).
+            num_classes: width of the one-hot labels.
+        """
+        groups = np.asarray(groups, np.int64)
+        pooled = (len(groups), -1)
+        mask = self.mask[groups].reshape(pooled)
+        labels = np.eye(num_classes, dtype=np.float32)[self.y[groups].reshape(pooled)]
+        return Neighbourhoods(x=self.x[groups].reshape(pooled + self.x.shape[2:]),
+                              labels=labels * mask[..., None], mask=mask)
 
     def fingerprint(self):
         """A short digest of the samples, labels and their split over clients."""
