@@ -299,7 +299,7 @@ class NTKDFLWorker(base.Worker):
             return cand, loss.mean(fns.forward(cand, feats), labels, mask)
 
         if algorithm.tau_search == "early_stop":
-            flow = self._flow_segments(h, f0, labels, mask, n, eta, bound_step)
+            flow = self._flow(h, f0, labels, mask, n, eta, bound_step, segments=True)
             new, chosen_loss, best, flow_loss, cand_losses, evaluated, substeps, monotone = \
                 _early_stop_search(flow, candidate, len(algorithm.taus), weights, over,
                                    lambda f: loss.mean(f, labels, mask))
@@ -334,43 +334,32 @@ class NTKDFLWorker(base.Worker):
         return SliceResult(new, chosen_loss, best, substeps, flow_loss, monotone, bound, over,
                            evaluated, cand_losses)
 
-    def _flow(self, h, f0, labels, mask, n, eta, bound_step):
-        """The flow to the largest tau: ``(R [T, B, N, C], f_taus, substeps, check)``."""
+    def _flow(self, h, f0, labels, mask, n, eta, bound_step, segments=False):
+        """The flow to the largest tau: ``(R [T, B, N, C], f_taus, substeps, check)``, or with
+        ``segments`` the same flow as ``kernels.FlowSegments`` (for the early stop)."""
         algorithm, loss = self.algorithm, self.loss
         taus = tf.constant(algorithm.taus, tf.int32)
         if loss.closed_form:
             r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
-            return r_sums, f_taus, tf.constant(0.0), tf.constant(True)
-        if algorithm.flow in DOPRI_TOLERANCES:
-            rtol, atol = DOPRI_TOLERANCES[algorithm.flow]
-            return kernels.dormand_prince_flow(h, f0, labels, mask, n, eta, taus, loss,
-                                               rtol=rtol, atol=atol)
-        if algorithm.flow == "euler_bound":
-            steps = kernels.euler_substeps(h, n, eta, mask=mask)
-            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, steps, loss)
-            return r_sums, f_taus, tf.cast(steps, tf.float32), tf.constant(True)
-        return kernels.adaptive_euler_flow(h, f0, labels, mask, n, eta, algorithm.taus, loss,
-                                           bound_step=bound_step)
-
-    def _flow_segments(self, h, f0, labels, mask, n, eta, bound_step):
-        """The same flow as ``_flow``, as ``kernels.FlowSegments``."""
-        algorithm, loss = self.algorithm, self.loss
-        taus = tf.constant(algorithm.taus, tf.int32)
-        if loss.closed_form:  # exact at any tau: computed at once, read candidate by candidate
-            r_sums, f_taus = kernels.mse_closed_form(h, f0, labels, mask, n, eta, taus)
+            if not segments:
+                return r_sums, f_taus, tf.constant(0.0), tf.constant(True)
+            # exact at any tau: computed at once, read candidate by candidate
             return kernels.FlowSegments(
                 tf.constant(0), lambda state, t: state,
                 lambda state, t: (tf.gather(r_sums, t), tf.gather(f_taus, t)),
                 lambda state, t: tf.constant(0.0), lambda state, t: tf.constant(True))
         if algorithm.flow in DOPRI_TOLERANCES:
             rtol, atol = DOPRI_TOLERANCES[algorithm.flow]
-            return kernels.dormand_prince_segments(h, f0, labels, mask, n, eta, taus, loss,
-                                                   rtol=rtol, atol=atol)
+            run = kernels.dormand_prince_segments if segments else kernels.dormand_prince_flow
+            return run(h, f0, labels, mask, n, eta, taus, loss, rtol=rtol, atol=atol)
         if algorithm.flow == "euler_bound":
             steps = kernels.euler_substeps(h, n, eta, mask=mask)
-            return kernels.euler_segments(h, f0, labels, mask, n, eta, taus, steps, loss)
-        return kernels.adaptive_euler_segments(h, f0, labels, mask, n, eta, algorithm.taus, loss,
-                                               bound_step=bound_step)
+            if segments:
+                return kernels.euler_segments(h, f0, labels, mask, n, eta, taus, steps, loss)
+            r_sums, f_taus = kernels.euler_flow(h, f0, labels, mask, n, eta, taus, steps, loss)
+            return r_sums, f_taus, tf.cast(steps, tf.float32), tf.constant(True)
+        run = kernels.adaptive_euler_segments if segments else kernels.adaptive_euler_flow
+        return run(h, f0, labels, mask, n, eta, algorithm.taus, loss, bound_step=bound_step)
 
 
 def _early_stop_search(flow, candidate, count, weights, stopped, flow_loss_of):
