@@ -242,17 +242,24 @@ def run_part(base, part, algorithms=("ntk_dfl", "dfedavg"), fraction=0.2, headli
         start = time.perf_counter()
         history_csv = os.path.join(logdir, c.name, "history.csv")
         diverged = None
+        this_process = {}
         try:
-            _, history = experiment.run(config(base, c, logdir), dataset=dataset)
-            history = history.history or read_history(history_csv)
+            _, fitted = experiment.run(config(base, c, logdir), dataset=dataset)
+            this_process = fitted.history
         except DivergenceError as e:
             # an attack that makes the honest models blow up has won: that is the cell's
             # result (the rounds before it are its history), not a reason to stop the part
             print(f"[{part}] {c.name}: {e}", flush=True)
             diverged = e.round
-            history = read_history(history_csv) if os.path.exists(history_csv) else {}
+        # history.csv holds every round, also those of a run killed and resumed here, whose
+        # Keras History starts at the resumed round; their round times join the wall time
+        history = read_history(history_csv) if os.path.exists(history_csv) else this_process
+        earlier = len(history.get("val_accuracy", [])) - len(this_process.get("val_accuracy", []))
+        seconds = time.perf_counter() - start + (
+            float(np.sum(history["round_seconds"][:earlier]))
+            if this_process and earlier > 0 and "round_seconds" in history else 0.0)
         rows = [r for r in read_csv(matrix_csv) if r["cell"] != c.name]
-        rows.append(summarise(c, part, history, time.perf_counter() - start, diverged))
+        rows.append(summarise(c, part, history, seconds, diverged))
         write_rows(matrix_csv, rows)
     heatmap(rows, os.path.join(logdir, "heatmap.png"))
     with atomic_open(os.path.join(logdir, "matrix.md"), "w") as f:

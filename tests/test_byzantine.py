@@ -438,6 +438,30 @@ def test_a_cell_that_diverges_is_a_row_and_the_part_goes_on(tmp_path, monkeypatc
     assert "0.600 / 0.300 (diverged in round 3)" in (tmp_path / "matrix.md").read_text()
 
 
+def test_a_resumed_cell_is_summarised_from_all_its_rounds(tmp_path, monkeypatch):
+    """A cell killed and resumed returns a Keras History of the resumed rounds only; its row
+    reads every round from history.csv and adds the earlier rounds' times to its wall time."""
+    base = experiment.Config(algorithm="dfedavg", num_clients=8, samples_per_client=30,
+                             num_neighbors=2, rounds=3, local_epochs=1, verbose=0,
+                             logdir=str(tmp_path))
+
+    def resumed_run(cfg, dataset=None):  # rounds 1-2 ran before the kill, round 3 now
+        os.makedirs(cfg.logdir, exist_ok=True)
+        with open(os.path.join(cfg.logdir, "history.csv"), "w") as f:
+            f.write("round,val_accuracy,val_client_worst10_accuracy,byzantine_share_max,"
+                    "round_seconds\n1,0.5,0.1,0.2,100\n2,0.6,0.2,0.4,200\n3,0.7,0.3,0.6,1\n")
+        return None, types.SimpleNamespace(history={
+            "val_accuracy": [0.7], "val_client_worst10_accuracy": [0.3],
+            "byzantine_share_max": [0.6], "round_seconds": [1.0]})
+
+    monkeypatch.setattr(experiment, "run", resumed_run)
+    row, = robustness.run_part(base, "no_attack", ("dfedavg",), only="_median_")
+    assert (int(row["rounds"]), float(row["honest_aggregate"]), float(row["honest_worst10"])) \
+        == (3, 0.7, 0.3)
+    assert float(row["delta_max_mean"]) == pytest.approx((0.2 + 0.4 + 0.6) / 3)
+    assert 300.0 <= float(row["wall_seconds"]) < 360.0  # rounds 1-2's 300 s + this process
+
+
 def test_read_history_is_what_history_csv_wrote(tmp_path):
     path = str(tmp_path / "history.csv")
     writer = nd.callbacks.HistoryCSV(path)
