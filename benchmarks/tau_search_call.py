@@ -1,14 +1,18 @@
-"""One compiled NTK-DFL slice call (flow, candidates, tau choice), full grid against early stop.
+"""One compiled NTK-DFL slice call (flow, candidates, tau choice): full grid, early stop, MSE.
 
     python benchmarks/tau_search_call.py --batch=1,30 --calls=5
     python benchmarks/tau_search_call.py --batch=1,30 --taus=100,200,300   # the earliest stop
+    python benchmarks/tau_search_call.py --batch=30 --variants=full,mse     # the MSE closed form
 
 Real Fashion-MNIST neighbourhoods (alpha = 0.1, each of ``--members`` clients contributing
 ``--per_client`` samples, as one Jacobian-batching slice of paper_fast holds), the MLP's initial
 weights, ``--learning_rate`` as the grid step and the default tau grid. For each client batch B
 the two searches' workers are compiled (XLA) on the same inputs and timed alternately; the
-kernel is formed outside the timed call. Prints one JSON line per (B, search): the median
-seconds per call, the candidates the call evaluated and the chosen taus' mean.
+kernel is formed outside the timed call. Prints one JSON line per (B, variant): the median
+seconds per call, the candidates the call evaluated and the chosen taus' mean. Variants:
+``full`` and ``early_stop`` (the two tau searches, cross-entropy), ``mse`` (the MSE loss's
+closed form, one eigendecomposition per call; never under XLA, so with ``mse`` one more line
+times the batch's eigendecomposition alone under XLA and without it).
 """
 
 import json
@@ -26,8 +30,10 @@ flags.DEFINE_float("learning_rate", 0.01, "Grid step eta.")
 flags.DEFINE_list("taus", None, "Candidate grid (default: NTKDFL's); e.g. 100,200,300 times "
                   "what a call costs when every client stops at the earliest.")
 flags.DEFINE_bool("jit_compile", True, "XLA-compile the call.")
+flags.DEFINE_list("variants", ["full", "early_stop"], "Workers to time: full, early_stop, mse.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
+VARIANTS = {"full": {}, "early_stop": {"tau_search": "early_stop"}, "mse": {"loss": "mse"}}
 
 
 def neighbourhoods(batch):
@@ -58,13 +64,17 @@ def main(argv):
 
     import ntkdfl_tf as nd
 
+    unknown = [v for v in FLAGS.variants if v not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {unknown[0]!r}; choose from "
+                             f"{', '.join(VARIANTS)}.")
     for batch in (int(b) for b in FLAGS.batch):
         fns, weights, feats, labels, mask = neighbourhoods(batch)
         grid = {"taus": tuple(int(t) for t in FLAGS.taus)} if FLAGS.taus else {}
-        workers = {s: nd.algorithms.NTKDFL(tau_search=s, jit_compile=FLAGS.jit_compile,
-                                           client_batch=batch, **grid).make_worker(fns)
-                   for s in ("full", "early_stop")}
-        h = workers["full"].kernel(weights, feats, mask)
+        workers = {s: nd.algorithms.NTKDFL(jit_compile=FLAGS.jit_compile, client_batch=batch,
+                                           **VARIANTS[s], **grid).make_worker(fns)
+                   for s in FLAGS.variants}
+        h = next(iter(workers.values())).kernel(weights, feats, mask)
         eta = tf.constant(FLAGS.learning_rate, tf.float32)
         args = (weights, weights, feats, labels, mask, h, eta, tf.ones(mask.shape),
                 tf.zeros(labels.shape), tf.constant(False), None)
@@ -76,17 +86,38 @@ def main(argv):
                 results[s] = w._evolve(*args)
                 results[s].loss.numpy()
                 seconds[s].append(time.perf_counter() - start)
-        taus = np.asarray(workers["full"].algorithm.taus)
+        taus = np.asarray(next(iter(workers.values())).algorithm.taus)
+        first = next(iter(results.values()))
         for s, result in results.items():
             print(json.dumps({
-                "batch": batch, "tau_search": s, "n": int(mask.shape[1]), "taus": taus.tolist(),
+                "batch": batch, "variant": s, "jit_compile": workers[s].jit_compile,
+                "n": int(mask.shape[1]), "taus": taus.tolist(),
                 "seconds_median": round(statistics.median(seconds[s]), 4),
                 "seconds": [round(v, 4) for v in seconds[s]],
                 "candidates_evaluated": int(result.evaluated),
                 "tau_mean": float(taus[result.tau_index.numpy()].mean()),
-                "same_taus_as_full": bool(np.array_equal(result.tau_index.numpy(),
-                                                         results["full"].tau_index.numpy()))}),
-                flush=True)
+                f"same_taus_as_{FLAGS.variants[0]}": bool(np.array_equal(
+                    result.tau_index.numpy(), first.tau_index.numpy()))}), flush=True)
+        if "mse" in workers:
+            print(json.dumps({"batch": batch, "n": int(mask.shape[1]),
+                              "eigh_seconds": eigh_seconds(h)}), flush=True)
+
+
+def eigh_seconds(h):
+    """Median seconds of ``tf.linalg.eigh`` of the batch ``h``, under XLA and without it."""
+    import tensorflow as tf
+
+    out = {}
+    for name, jit in (("xla", True), ("lapack", False)):
+        fn = tf.function(lambda m: tf.linalg.eigh(m)[0], jit_compile=jit)
+        fn(h).numpy()  # compile
+        times = []
+        for _ in range(FLAGS.calls):
+            start = time.perf_counter()
+            fn(h).numpy()
+            times.append(time.perf_counter() - start)
+        out[name] = round(statistics.median(times), 4)
+    return out
 
 
 if __name__ == "__main__":

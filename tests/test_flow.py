@@ -253,12 +253,14 @@ def test_ntkdfl_cross_entropy_equals_gradient_descent_on_linear_model():
         np.testing.assert_allclose(cand_loss[b], ce, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_ntkdfl_equals_riemann_sum_of_weight_space_gradient_flow(loss):
+@pytest.mark.parametrize("loss, options", [("mse", {}), ("mse", {"jit_compile": True}),
+                                           ("cross_entropy", {})],
+                         ids=["mse", "mse_jit", "cross_entropy"])
+def test_ntkdfl_equals_riemann_sum_of_weight_space_gradient_flow(loss, options):
     """A linear model's NTK is exact, so the update (MSE: closed form; cross-entropy: the default
     flow) is -eta * sum_{s<tau} grad L(w(s eta)) along the exact weight-space gradient flow."""
     eta, tau, fine = 0.2, 6, 200
-    w, x, y, mask, h, new, cand_loss = _linear_setup(loss, eta, tau)
+    w, x, y, mask, h, new, cand_loss = _linear_setup(loss, eta, tau, **options)
     lam = np.linalg.eigvalsh(np.asarray(h, np.float64)).max() / mask.sum(1).min() / C
     assert eta * lam > 0.05  # flow and discrete GD differ visibly at this step
     for b in range(B):
@@ -282,6 +284,15 @@ def test_ntkdfl_equals_riemann_sum_of_weight_space_gradient_flow(loss):
             err = ((x[b] @ new[0][b] + new[1][b] - y[b]) ** 2).sum(-1) / (2 * C)
             np.testing.assert_allclose(cand_loss[b], (err * mask[b]).sum() / mask[b].sum(),
                                        rtol=1e-4)
+
+
+def test_mse_closed_form_is_not_compiled_with_xla():
+    """jit_compile=True compiles the cross-entropy worker with XLA, but not the MSE closed
+    form's (XLA's CPU eigendecomposition is far slower than LAPACK's)."""
+    fns = ModelFunctions(keras.Sequential([keras.Input((4,)), keras.layers.Dense(C)]))
+    assert NTKDFL(jit_compile=True).make_worker(fns).jit_compile
+    assert not NTKDFL(jit_compile=True, loss="mse").make_worker(fns).jit_compile
+    assert not NTKDFL(jit_compile=False).make_worker(fns).jit_compile
 
 
 @pytest.mark.parametrize("name, tol", [("adaptive_euler_flow", 1e-6),

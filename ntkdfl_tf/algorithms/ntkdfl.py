@@ -147,7 +147,8 @@ class NTKDFL(base.Algorithm):
             of every member. The weights then evolve slice after slice, each slice with its own
             kernel, flow and tau, the Jacobians (kernel and VJP) taken at the round's averaged
             weights and the outputs at the current weights. Kernel and flow cost fall ~m-fold.
-        jit_compile: compile the flow, candidate updates and tau choice with XLA.
+        jit_compile: compile the flow, candidate updates and tau choice with XLA (not with
+            ``loss="mse"``, whose eigendecomposition is far slower under XLA on a CPU).
         flow: how the cross-entropy flow is integrated (README: the flow argument).
             ``"dopri5"`` (default): adaptive Dormand-Prince 5(4) with rtol 1e-4, f at the grid
             points from its dense output (``kernels.dormand_prince_flow``). ``"exact"``: the

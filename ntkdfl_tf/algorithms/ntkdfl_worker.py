@@ -45,8 +45,11 @@ class NTKDFLWorker(base.Worker):
         self.loss = kernels.losses.get(algorithm.loss)
         self.kernel = kernels.make_kernel(fns, algorithm.kernel, chunk=algorithm.jacobian_chunk)
         self.matrix_free = hasattr(self.kernel, "operator")
+        # not under XLA for the MSE closed form: XLA's CPU eigh is a Jacobi solver, orders of
+        # magnitude slower than LAPACK's (docs/performance.md, the MSE closed form)
+        self.jit_compile = algorithm.jit_compile and not self.loss.closed_form
         self._evolve = tf.function(self._evolve_slice, reduce_retracing=True,
-                                   jit_compile=algorithm.jit_compile)
+                                   jit_compile=self.jit_compile)
         self._jacobians = tf.function(lambda w, x: kernels.jacobian(fns, w, x),
                                       reduce_retracing=True)  # traced only if packages are formed
         self._clients, self._slices = None, (None, None)
