@@ -12,7 +12,9 @@ kernel is formed outside the timed call. Prints one JSON line per (B, variant): 
 seconds per call, the candidates the call evaluated and the chosen taus' mean. Variants:
 ``full`` and ``early_stop`` (the two tau searches, cross-entropy), ``mse`` (the MSE loss's
 closed form, one eigendecomposition per call; never under XLA, so with ``mse`` one more line
-times the batch's eigendecomposition alone under XLA and without it).
+times the batch's eigendecomposition alone under XLA and without it), and ``full_taped``
+(``full`` with every candidate's weights from a VJP and a forward pass, as before the input
+gram's shortcut, ``kernels.dense.candidate_logits``).
 """
 
 import json
@@ -30,10 +32,13 @@ flags.DEFINE_float("learning_rate", 0.01, "Grid step eta.")
 flags.DEFINE_list("taus", None, "Candidate grid (default: NTKDFL's); e.g. 100,200,300 times "
                   "what a call costs when every client stops at the earliest.")
 flags.DEFINE_bool("jit_compile", True, "XLA-compile the call.")
-flags.DEFINE_list("variants", ["full", "early_stop"], "Workers to time: full, early_stop, mse.")
+flags.DEFINE_list("variants", ["full", "early_stop"], "Workers to time: full, early_stop, mse, "
+                  "full_taped.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
-VARIANTS = {"full": {}, "early_stop": {"tau_search": "early_stop"}, "mse": {"loss": "mse"}}
+# name: (NTKDFL options, candidates through the input gram (the workers' default for the MLP))
+VARIANTS = {"full": ({}, True), "early_stop": ({"tau_search": "early_stop"}, True),
+            "mse": ({"loss": "mse"}, True), "full_taped": ({}, False)}
 
 
 def neighbourhoods(batch):
@@ -72,18 +77,20 @@ def main(argv):
         fns, weights, feats, labels, mask = neighbourhoods(batch)
         grid = {"taus": tuple(int(t) for t in FLAGS.taus)} if FLAGS.taus else {}
         workers = {s: nd.algorithms.NTKDFL(jit_compile=FLAGS.jit_compile, client_batch=batch,
-                                           **VARIANTS[s], **grid).make_worker(fns)
+                                           **VARIANTS[s][0], **grid).make_worker(fns)
                    for s in FLAGS.variants}
         h = next(iter(workers.values())).kernel(weights, feats, mask)
+        gram = nd.kernels.dense.input_gram(feats)  # formed with the kernel, outside the call
         eta = tf.constant(FLAGS.learning_rate, tf.float32)
         args = (weights, weights, feats, labels, mask, h, eta, tf.ones(mask.shape),
                 tf.zeros(labels.shape), tf.constant(False), None)
+        extra = {s: (gram,) if VARIANTS[s][1] else () for s in workers}
         seconds = {s: [] for s in workers}
-        results = {s: w._evolve(*args) for s, w in workers.items()}  # compile
+        results = {s: w._evolve(*args, *extra[s]) for s, w in workers.items()}  # compile
         for _ in range(FLAGS.calls):  # alternate: the machine's load falls on both alike
             for s, w in workers.items():
                 start = time.perf_counter()
-                results[s] = w._evolve(*args)
+                results[s] = w._evolve(*args, *extra[s])
                 results[s].loss.numpy()
                 seconds[s].append(time.perf_counter() - start)
         taus = np.asarray(next(iter(workers.values())).algorithm.taus)

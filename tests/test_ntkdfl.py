@@ -442,3 +442,45 @@ def test_early_stop_picks_the_full_grids_tau_on_unimodal_losses(tiny, monkeypatc
     # measured: all 16 client-etas unimodal, 4 of them with their minimum inside the grid
     # stopping after 3-6 of the 7 candidates
     assert unimodal >= 12 and unimodal_stops >= 3
+
+
+@pytest.mark.parametrize("tau_search", ["full", "early_stop"])
+@pytest.mark.parametrize("jacobian_batches", [1, 2])
+def test_candidates_through_the_input_gram_match_the_taped_vjp(tau_search, jacobian_batches):
+    """A Dense stack's candidates evaluated through the input gram X X^T (what the worker does
+    for lazy packages) against the tape's VJP and a forward pass at every candidate's weights:
+    a three-layer MLP, padded rows, Jacobians at other weights than the slice starts from
+    (m = 2) and per-row Jacobian scales (a Byzantine sender's or the screen's)."""
+    b, n, c = 3, 40, 10
+    keras.utils.set_random_seed(0)
+    fns = nd.functional.ModelFunctions(nd.models.mlp(hidden=(16, 12)))
+    rng = np.random.default_rng(0)
+    lin = [tf.constant(np.repeat(v[None], b, 0) + 0.05 * rng.standard_normal((b,) + v.shape),
+                       tf.float32) for v in fns.initial_weights()]
+    start = [v + tf.constant(0.05 * rng.standard_normal(v.shape), tf.float32) for v in lin]
+    if jacobian_batches == 1:  # without batching the slice starts where J is taken
+        start = lin
+    images = rng.integers(0, 256, (b * n, 28, 28, 1)).astype(np.float32)
+    feats = tf.reshape(fns.features(images), (b, n, -1))
+    mask = np.ones((b, n), np.float32)
+    mask[2, 30:] = 0.0
+    labels = tf.one_hot(rng.integers(0, c, (b, n)), c) * mask[..., None]
+    mask = tf.constant(mask)
+    worker = nd.algorithms.NTKDFL(taus=(5, 10, 20, 40, 80), learning_rate=0.003,
+                                  tau_search=tau_search,
+                                  jacobian_batches=jacobian_batches).make_worker(fns)
+    assert worker.dense_candidates
+    gram = nd.kernels.dense.input_gram(feats)
+    h = worker.kernel(lin, feats, mask)
+    np.testing.assert_allclose(worker.kernel(lin, feats, mask, input_gram=gram), h, rtol=1e-6)
+    args = (lin, start, feats, labels, mask, h, tf.constant(0.003),
+            tf.constant(rng.uniform(0.5, 1.5, (b, n)), tf.float32), tf.zeros(labels.shape),
+            tf.constant(False), None)
+    taped, through_gram = worker._evolve(*args), worker._evolve(*args, gram)
+    np.testing.assert_array_equal(through_gram.tau_index, taped.tau_index)
+    assert len(set(taped.tau_index.numpy())) > 1  # the clients chose different candidates
+    np.testing.assert_allclose(through_gram.candidate_losses, taped.candidate_losses, rtol=1e-5)
+    for got, want in zip(through_gram.weights, taped.weights):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    moved = [np.abs(w - s).max() for w, s in zip(taped.weights, start)]
+    assert min(moved) > 1e-4  # every variable took a visible step

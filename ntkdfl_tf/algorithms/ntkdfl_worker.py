@@ -45,6 +45,10 @@ class NTKDFLWorker(base.Worker):
         self.loss = kernels.losses.get(algorithm.loss)
         self.kernel = kernels.make_kernel(fns, algorithm.kernel, chunk=algorithm.jacobian_chunk)
         self.matrix_free = hasattr(self.kernel, "operator")
+        # a Dense stack's candidates go through its input gram (kernels.dense.candidate_logits)
+        # where the receiver evaluates its packages itself; not for matrix_free, whose
+        # neighbourhoods are too large for an N x N matrix
+        self.dense_candidates = fns.is_dense_stack and not self.matrix_free
         # not under XLA for the MSE closed form: XLA's CPU eigh is a Jacobi solver, orders of
         # magnitude slower than LAPACK's (docs/performance.md, the MSE closed form)
         self.jit_compile = algorithm.jit_compile and not self.loss.closed_form
@@ -132,7 +136,7 @@ class NTKDFLWorker(base.Worker):
                 rows = positions[part.rows(call.senders)]  # [B, S, per_slice]
                 keep = np.take_along_axis(padded, rows, axis=-1)
             feats, labels, mask = gather_neighbourhood(part, call.senders, call.valid, keep)
-            received = None
+            received = gram = None
             row_scale = np.ones(mask.shape, np.float32)
             logit_offset = np.zeros(labels.shape, np.float32)
             if explicit:
@@ -150,7 +154,13 @@ class NTKDFLWorker(base.Worker):
                 received = stack_packages(packages, feats.shape[:2], sketch)
                 h = explicit_kernel(received)
             else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
-                h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
+                if self.dense_candidates:  # the input gram serves the kernel and the candidates
+                    gram = kernels.dense.input_gram(feats)
+                    h = (self.kernel(weights, feats, mask, input_gram=gram)
+                         if isinstance(self.kernel, kernels.DenseNTK) else
+                         self.kernel(weights, feats, mask))
+                else:
+                    h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
                 if attack is not None:  # what the tampered packages would have given
                     h, labels, row_scale, logit_offset = lazy_attack(
                         attack, call.tampered, h, labels, mask, context.screen)
@@ -167,9 +177,9 @@ class NTKDFLWorker(base.Worker):
                 dropped += int(decision.dropped.sum())
             args = (weights, current, feats, labels, mask, h, eta, tf.constant(row_scale),
                     tf.constant(logit_offset))
-            result = self._evolve(*args, tf.constant(False), received)
+            result = self._evolve(*args, tf.constant(False), received, gram)
             if redo_rising and not bool(result.monotone):  # the adaptive step was too long: redo
-                result = self._evolve(*args, tf.constant(True), received)
+                result = self._evolve(*args, tf.constant(True), received, gram)
                 redone += 1
             current = result.weights
             losses.append(result.loss.numpy())
@@ -248,7 +258,7 @@ class NTKDFLWorker(base.Worker):
         return packages
 
     def _evolve_slice(self, linearised, weights, feats, labels, mask, h, eta, row_scale,
-                      logit_offset, bound_step, received):
+                      logit_offset, bound_step, received, gram=None):
         """Flow, candidate updates and tau choice; Jacobians at ``linearised``, start ``weights``.
 
         ``row_scale`` ``[B, N]`` multiplies each row's Jacobian in the update (``h`` already
@@ -256,7 +266,11 @@ class NTKDFLWorker(base.Worker):
         packages carry a Byzantine sender's tampering and the screen's clipping (ones and
         zeros otherwise). ``bound_step`` (bool tensor) makes ``flow="euler_adaptive"`` take
         the bound's Euler step (its redo). ``received``: explicit packages (then J, the
-        starting logits and the labels come from them) or None. The flow's check is
+        starting logits and the labels come from them) or None. ``gram``: for a Dense stack
+        with lazy packages, the input gram X X^T of ``feats`` (``kernels.dense.input_gram``):
+        each candidate is then carried as its VJP's cotangent, its logits come from the gram
+        (``kernels.dense.candidate_logits``) and only the chosen one's weights are formed;
+        None: every candidate's weights from a VJP and a forward pass. The flow's check is
         ``SliceResult.monotone``. With ``tau_search="early_stop"`` the flow and the candidates
         go together, candidate by candidate, until every client has stopped
         (``_early_stop_search``).
@@ -273,7 +287,12 @@ class NTKDFLWorker(base.Worker):
             # emptied so that it does not set the batch's Euler step either
             over = bound > algorithm.flow_budget
             h = _without(h, over)
-        if received is None:  # lazy packages: evaluated here from the senders' samples
+        taped = received is None and gram is None
+        if gram is not None:  # lazy packages of a Dense stack: the VJP from the pass's factors
+            lin = kernels.dense.linearised_pass(fns, linearised, feats)
+            first_z = kernels.dense.first_pre_activation(fns, weights, feats)
+            f_lin = lin.logits
+        elif taped:  # lazy packages: evaluated here from the senders' samples
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(linearised)
                 f_lin = fns.forward(linearised, feats)
@@ -283,13 +302,22 @@ class NTKDFLWorker(base.Worker):
         # with batching the slice starts from the current weights; the senders re-evaluate
         # (explicit packages' logits carry any tampering already)
         if algorithm.jacobian_batches > 1:
-            f0 = fns.forward(weights, feats) + logit_offset
+            f0 = (fns.forward(weights, feats) if gram is None else
+                  kernels.dense.logits_from_first(fns, weights, first_z)) + logit_offset
         else:
             f0 = f_lin + logit_offset if received is None else f_lin
 
-        def candidate(r_sum):  # one VJP, one forward: the weights and their real loss
+        # A candidate is held as a handle (a list of [B, ...] tensors) from which ``weights_of``
+        # forms its weights: the weights themselves, or with ``gram`` the VJP's cotangent.
+        def candidate(r_sum):  # the candidate's handle and its real loss
             cotangent = r_sum * (eta / n)[:, None, None]
-            if received is None:
+            if gram is not None:
+                cotangent = cotangent * row_scale[..., None]
+                signals = kernels.dense.vjp_signals(fns, linearised, lin, cotangent)
+                logits = kernels.dense.candidate_logits(fns, weights, first_z, gram, lin,
+                                                        signals)
+                return [cotangent], loss.mean(logits, labels, mask)
+            if taped:  # one VJP, one forward
                 grads = tape.gradient(f_lin, linearised,
                                       output_gradients=cotangent * row_scale[..., None])
             else:
@@ -301,11 +329,20 @@ class NTKDFLWorker(base.Worker):
             cand = [w - g for w, g in zip(weights, grads)]
             return cand, loss.mean(fns.forward(cand, feats), labels, mask)
 
+        def weights_of(handle):
+            if gram is None:
+                return handle
+            signals = kernels.dense.vjp_signals(fns, linearised, lin, handle[0])
+            return kernels.dense.apply_signals(fns, weights, lin, signals)
+
+        start = list(weights) if gram is None else [tf.zeros_like(f0)]
+
         if algorithm.tau_search == "early_stop":
             flow = self._flow(h, f0, labels, mask, n, eta, bound_step, segments=True)
-            new, chosen_loss, best, flow_loss, cand_losses, evaluated, substeps, monotone = \
-                _early_stop_search(flow, candidate, len(algorithm.taus), weights, over,
+            chosen, chosen_loss, best, flow_loss, cand_losses, evaluated, substeps, monotone = \
+                _early_stop_search(flow, candidate, len(algorithm.taus), start, over,
                                    lambda f: loss.mean(f, labels, mask))
+            new = weights_of(chosen)
         else:
             r_sums, f_taus, substeps, monotone = self._flow(h, f0, labels, mask, n, eta,
                                                             bound_step)
@@ -319,12 +356,12 @@ class NTKDFLWorker(base.Worker):
             cand_losses = tf.stack(cand_losses)  # [T, B]
             safe = tf.where(tf.math.is_finite(cand_losses), cand_losses, np.inf)
             best = tf.argmin(safe, axis=0, output_type=tf.int32)  # [B]
-            new = [tf.gather(tf.stack([c[v] for c in candidates], axis=1), best, batch_dims=1)
-                   for v in range(len(weights))]
+            new = weights_of([tf.gather(tf.stack([c[v] for c in candidates], axis=1), best,
+                                        batch_dims=1) for v in range(len(start))])
             flow_loss = tf.gather(tf.transpose(tf.stack(flow_losses)), best, batch_dims=1)
             chosen_loss = tf.gather(tf.transpose(cand_losses), best, batch_dims=1)
             evaluated = tf.constant(len(algorithm.taus), tf.int32)
-        if received is None:
+        if taped:
             del tape
         if algorithm.flow_budget is not None:  # over budget: the slice leaves the weights as is
             kept = tf.cond(tf.reduce_any(over),
@@ -365,11 +402,11 @@ class NTKDFLWorker(base.Worker):
         return run(h, f0, labels, mask, n, eta, algorithm.taus, loss, bound_step=bound_step)
 
 
-def _early_stop_search(flow, candidate, count, weights, stopped, flow_loss_of):
+def _early_stop_search(flow, candidate, count, start, stopped, flow_loss_of):
     """``tau_search="early_stop"``: candidate after candidate, until every client has stopped.
 
     Each iteration integrates ``flow`` on to the next candidate and evaluates it
-    (``candidate(R) -> (weights, loss [B])``). A client stops once its loss has risen at two
+    (``candidate(R) -> (handle, loss [B])``, the handle a list of ``[B, ...]`` tensors). A client stops once its loss has risen at two
     consecutive candidates; until then it keeps the first lowest finite loss (``tf.argmin``'s
     choice in the full search), afterwards it ignores the batch's further candidates.
 
@@ -377,12 +414,13 @@ def _early_stop_search(flow, candidate, count, weights, stopped, flow_loss_of):
         flow: ``kernels.FlowSegments``.
         candidate: ``R [B, N, C] -> (candidate weights, real loss [B])``.
         count: number of candidates T.
-        weights: the slice's starting weights (the result of a client that never evaluates).
+        start: the handle of the slice's starting weights (the result of a client that never
+            evaluates).
         stopped: [B] bool, clients that need no candidate (over ``flow_budget``).
         flow_loss_of: ``f [B, N, C] -> [B]`` the loss the flow predicts.
 
     Returns:
-        ``(weights, loss, tau_index, flow_loss, candidate_losses [T, B] (NaN where not
+        ``(handle, loss, tau_index, flow_loss, candidate_losses [T, B] (NaN where not
         evaluated), evaluated (int32: the call's candidates), substeps, check)``.
     """
     batch = tf.shape(stopped)[0]
@@ -410,10 +448,11 @@ def _early_stop_search(flow, candidate, count, weights, stopped, flow_loss_of):
         return (t + 1, state, best, best_safe, best_loss, best_flow, best_index, losses, safe,
                 rises, stopped)
 
-    start = (tf.constant(0), flow.start, list(weights), inf, inf, inf,
+    initial = (tf.constant(0), flow.start, list(start), inf, inf, inf,
              tf.zeros([batch], tf.int32), tf.fill([count, batch], np.nan), inf,
              tf.zeros([batch], tf.int32), stopped)
-    out = tf.while_loop(lambda t, *rest: (t < count) & ~tf.reduce_all(rest[-1]), search, start)
+    out = tf.while_loop(lambda t, *rest: (t < count) & ~tf.reduce_all(rest[-1]), search,
+                        initial)
     t, state, best, _, best_loss, best_flow, best_index, losses = out[:8]
     last = tf.maximum(t - 1, 0)
     # read at static candidate indices: the same rounding as the full search's last candidate

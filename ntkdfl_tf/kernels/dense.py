@@ -7,6 +7,8 @@ G = identity, giving (A A^T + 1); the layer below it gives D diag(s) D^T with D 
 derivative and s_r = sum_c W[r, c]^2, which is the two-layer closed form of NTK-DFL.md.
 """
 
+import typing
+
 import tensorflow as tf
 
 
@@ -20,15 +22,101 @@ class DenseNTK:
         self.fns = fns
         self._call = tf.function(self._kernel, reduce_retracing=True)
 
-    def __call__(self, weights, feats, mask):
-        return self._call(weights, feats, tf.cast(mask, tf.float32))
+    def __call__(self, weights, feats, mask, input_gram=None):
+        """H ``[B, N, N]``; ``input_gram``: ``input_gram(feats)`` if the caller has it already
+        (the first layer's share of H needs it)."""
+        return self._call(weights, feats, tf.cast(mask, tf.float32), input_gram)
 
-    def _kernel(self, weights, feats, mask):
+    def _kernel(self, weights, feats, mask, input_gram):
         h = 0.0
-        for a, beta, factor in layer_terms(self.fns, weights, feats):
-            gram = tf.matmul(a, a, transpose_b=True) + beta
+        terms = layer_terms(self.fns, weights, feats)
+        for i, (a, beta, factor) in enumerate(terms):
+            first = i == len(terms) - 1  # layer_terms runs from the last layer to the first
+            gram = (input_gram if first and input_gram is not None else
+                    tf.matmul(a, a, transpose_b=True)) + beta
             h = h + (gram if factor is None else gram * tf.matmul(factor, factor, transpose_b=True))
         return h * mask[:, :, None] * mask[:, None, :]
+
+
+def input_gram(feats):
+    """X X^T ``[B, N, N]`` of a Dense stack's inputs ``[B, N, d]``: the first layer's share of H
+    and what ``candidate_logits`` evaluates candidates with."""
+    return tf.matmul(feats, feats, transpose_b=True)
+
+
+class LinearisedPass(typing.NamedTuple):
+    """A Dense stack's forward pass at the linearisation point, kept for its VJPs.
+
+    Attributes:
+        logits: ``[B, N, C]``.
+        inputs: per layer its input activations ``[B, N, d_l]``.
+        derivatives: per layer the activation's derivative at its pre-activation ``[B, N, h_l]``.
+    """
+
+    logits: tf.Tensor
+    inputs: list
+    derivatives: list
+
+
+def linearised_pass(fns, weights, feats):
+    """``LinearisedPass`` of ``weights`` on ``feats``."""
+    return LinearisedPass(*fns.dense_forward(weights, feats, with_derivatives=True))
+
+
+def vjp_signals(fns, weights, lin, cotangent):
+    """The VJP of the logits at ``weights`` (``lin`` its pass) with ``cotangent`` ``[B, N, C]``,
+    as per-layer signals s_l ``[B, N, h_l]``: the gradient of layer l's kernel is A_l^T s_l and
+    of its bias sum_n s_l (A_l its inputs)."""
+    specs = fns.dense_specs
+    signal = cotangent * lin.derivatives[-1]
+    out = [signal]
+    for l in reversed(range(len(specs) - 1)):
+        signal = (tf.matmul(signal, weights[specs[l + 1].kernel], transpose_b=True) *
+                  lin.derivatives[l])
+        out.insert(0, signal)
+    return out
+
+
+def apply_signals(fns, weights, lin, signals, from_layer=0):
+    """``weights`` minus the VJP whose signals are ``signals`` (``vjp_signals``); layers below
+    ``from_layer`` are left as they are."""
+    out = list(weights)
+    for l in range(from_layer, len(fns.dense_specs)):
+        spec, s = fns.dense_specs[l], signals[l]
+        out[spec.kernel] = weights[spec.kernel] - tf.matmul(lin.inputs[l], s, transpose_a=True)
+        if spec.bias >= 0:
+            out[spec.bias] = weights[spec.bias] - tf.reduce_sum(s, axis=1)
+    return out
+
+
+def first_pre_activation(fns, weights, feats):
+    """The first layer's pre-activation X W + b ``[B, N, h_1]``."""
+    spec = fns.dense_specs[0]
+    z = tf.matmul(feats, weights[spec.kernel])
+    return z + weights[spec.bias][:, None, :] if spec.bias >= 0 else z
+
+
+def logits_from_first(fns, weights, first_z):
+    """The logits of ``weights`` from their first pre-activation ``first_z``."""
+    specs = fns.dense_specs
+    a = specs[0].activation(first_z)
+    for spec in specs[1:]:
+        z = tf.matmul(a, weights[spec.kernel])
+        a = spec.activation(z + weights[spec.bias][:, None, :] if spec.bias >= 0 else z)
+    return a
+
+
+def candidate_logits(fns, weights, first_z, gram, lin, signals):
+    """The logits of ``apply_signals(fns, weights, lin, signals)`` on the linearised pass's own
+    samples, without the first layer's large product: with X those samples and s its signal,
+    X (W - X^T s) + b - sum_n s = first_z - (X X^T) s - sum_n s, an N x N product with the
+    input gram instead of an N x d one (``first_z`` = X W + b at ``weights``)."""
+    spec = fns.dense_specs[0]
+    s = signals[0]
+    z = first_z - tf.matmul(gram, s)
+    if spec.bias >= 0:
+        z = z - tf.reduce_sum(s, axis=1, keepdims=True)
+    return logits_from_first(fns, apply_signals(fns, weights, lin, signals, from_layer=1), z)
 
 
 def signals(fns, weights, feats):
