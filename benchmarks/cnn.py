@@ -13,9 +13,10 @@ touches) as a backstop.
 
 1. Training (one JSON line per model; Fashion-MNIST, Dirichlet alpha = 0.1, 200 samples per
    client, random kappa-regular graphs, seed 0: the same partition, graphs and seeds for all):
-   NTK-DFL with Jacobian batching m = 6, batches of 30 clients, XLA-compiled flow, kernel="auto":
-   the MLP 784-100-10 gets the closed-form dense kernel, ``nd.models.cnn`` the explicit kernel
-   (per-sample Jacobians, ``--jacobian_chunk`` samples per block).
+   NTK-DFL with Jacobian batching m = 6, batches of 30 clients, XLA-compiled flow
+   (``--nojit_compile``: not), kernel="auto": the MLP 784-100-10 gets the closed-form dense
+   kernel, ``nd.models.cnn`` the conv kernel (per-layer patches and sensitivities,
+   ``--jacobian_chunk`` samples per block).
    Printed: median seconds per round after the warm-up round (training only), each round's
    seconds, the aggregated model's accuracy on the 10,000 test images after the last round,
    peak RSS of the subprocess, Euler sub-steps; then the CNN/MLP ratios.
@@ -135,7 +136,8 @@ def train(model):
     fns, m = trainer.fns, FLAGS.jacobian_batches
     history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0)
     times = history.history["round_seconds"]
-    line = {"model": model, "kernel": "dense" if fns.is_dense_stack else "explicit",
+    kernel = type(nd.kernels.make_kernel(fns, algorithm.kernel)).__name__
+    line = {"model": model, "kernel": kernel, "jit_compile": FLAGS.jit_compile,
             "params": fns.num_params, "clients": FLAGS.clients, "kappa": FLAGS.num_neighbors,
             "samples_per_client": FLAGS.samples_per_client, "jacobian_batches": m,
             "flow": FLAGS.flow,
