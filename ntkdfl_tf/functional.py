@@ -98,8 +98,11 @@ class ModelFunctions:
             outs.append(out)
         return tf.stack(outs)
 
-    def dense_forward(self, weights, feats, with_derivatives=False):
+    def dense_forward(self, weights, feats, with_derivatives=False, first_pre_activation=None):
         """Forward pass of a Dense stack, optionally keeping what the structured kernel needs.
+
+        ``first_pre_activation``: the first layer's X W + b if the caller has it already (it is
+        then not recomputed from ``feats``).
 
         Returns:
             ``(logits, inputs, derivatives)``: per layer its input activations ``[B, N, d_l]``
@@ -107,10 +110,13 @@ class ModelFunctions:
         """
         a = feats if feats.shape.rank == 3 else feats[None]
         inputs, derivatives = [], []
-        for spec in self.dense_specs:
-            z = tf.matmul(a, weights[spec.kernel])  # broadcasts a shared [1, N, d] over clients
-            if spec.bias >= 0:
-                z = z + weights[spec.bias][:, None, :]
+        for i, spec in enumerate(self.dense_specs):
+            if i == 0 and first_pre_activation is not None:
+                z = first_pre_activation
+            else:
+                z = tf.matmul(a, weights[spec.kernel])  # broadcasts a shared [1, N, d]
+                if spec.bias >= 0:
+                    z = z + weights[spec.bias][:, None, :]
             inputs.append(a)
             if not with_derivatives:
                 a = spec.activation(z)

@@ -45,10 +45,9 @@ class NTKDFLWorker(base.Worker):
         self.loss = kernels.losses.get(algorithm.loss)
         self.kernel = kernels.make_kernel(fns, algorithm.kernel, chunk=algorithm.jacobian_chunk)
         self.matrix_free = hasattr(self.kernel, "operator")
-        # a Dense stack's candidates go through its input gram (kernels.dense.candidate_logits)
-        # where the receiver evaluates its packages itself; not for matrix_free, whose
-        # neighbourhoods are too large for an N x N matrix
-        self.dense_candidates = fns.is_dense_stack and not self.matrix_free
+        # with the closed-form Dense kernel the candidates go through its input gram
+        # (kernels.dense.candidate_logits) where the receiver evaluates its packages itself
+        self.dense_candidates = isinstance(self.kernel, kernels.DenseNTK)
         # not under XLA for the MSE closed form: XLA's CPU eigh is a Jacobi solver, orders of
         # magnitude slower than LAPACK's (docs/performance.md, the MSE closed form)
         self.jit_compile = algorithm.jit_compile and not self.loss.closed_form
@@ -156,9 +155,7 @@ class NTKDFLWorker(base.Worker):
             else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
                 if self.dense_candidates:  # the input gram serves the kernel and the candidates
                     gram = kernels.dense.input_gram(feats)
-                    h = (self.kernel(weights, feats, mask, input_gram=gram)
-                         if isinstance(self.kernel, kernels.DenseNTK) else
-                         self.kernel(weights, feats, mask))
+                    h = self.kernel(weights, feats, mask, input_gram=gram)
                 else:
                     h = tf.zeros([]) if self.matrix_free else self.kernel(weights, feats, mask)
                 if attack is not None:  # what the tampered packages would have given
@@ -290,7 +287,9 @@ class NTKDFLWorker(base.Worker):
         taped = received is None and gram is None
         if gram is not None:  # lazy packages of a Dense stack: the VJP from the pass's factors
             lin = kernels.dense.linearised_pass(fns, linearised, feats)
-            first_z = kernels.dense.first_pre_activation(fns, weights, feats)
+            # without batching the slice starts where J is taken: the same pre-activation
+            first_z = (lin.first_z if algorithm.jacobian_batches == 1 else
+                       kernels.dense.first_pre_activation(fns, weights, feats))
             f_lin = lin.logits
         elif taped:  # lazy packages: evaluated here from the senders' samples
             with tf.GradientTape(persistent=True) as tape:
@@ -303,7 +302,8 @@ class NTKDFLWorker(base.Worker):
         # (explicit packages' logits carry any tampering already)
         if algorithm.jacobian_batches > 1:
             f0 = (fns.forward(weights, feats) if gram is None else
-                  kernels.dense.logits_from_first(fns, weights, first_z)) + logit_offset
+                  fns.dense_forward(weights, feats, first_pre_activation=first_z)[0]
+                  ) + logit_offset
         else:
             f0 = f_lin + logit_offset if received is None else f_lin
 
@@ -406,13 +406,14 @@ def _early_stop_search(flow, candidate, count, start, stopped, flow_loss_of):
     """``tau_search="early_stop"``: candidate after candidate, until every client has stopped.
 
     Each iteration integrates ``flow`` on to the next candidate and evaluates it
-    (``candidate(R) -> (handle, loss [B])``, the handle a list of ``[B, ...]`` tensors). A client stops once its loss has risen at two
-    consecutive candidates; until then it keeps the first lowest finite loss (``tf.argmin``'s
-    choice in the full search), afterwards it ignores the batch's further candidates.
+    (``candidate``). A client stops once its loss has risen at two consecutive candidates;
+    until then it keeps the first lowest finite loss (``tf.argmin``'s choice in the full
+    search), afterwards it ignores the batch's further candidates.
 
     Args:
         flow: ``kernels.FlowSegments``.
-        candidate: ``R [B, N, C] -> (candidate weights, real loss [B])``.
+        candidate: ``R [B, N, C] -> (handle, real loss [B])``, the handle a list of
+            ``[B, ...]`` tensors from which the caller forms the candidate's weights.
         count: number of candidates T.
         start: the handle of the slice's starting weights (the result of a client that never
             evaluates).

@@ -51,16 +51,20 @@ class LinearisedPass(typing.NamedTuple):
         logits: ``[B, N, C]``.
         inputs: per layer its input activations ``[B, N, d_l]``.
         derivatives: per layer the activation's derivative at its pre-activation ``[B, N, h_l]``.
+        first_z: the first layer's pre-activation X W + b ``[B, N, h_1]``.
     """
 
     logits: tf.Tensor
     inputs: list
     derivatives: list
+    first_z: tf.Tensor
 
 
 def linearised_pass(fns, weights, feats):
     """``LinearisedPass`` of ``weights`` on ``feats``."""
-    return LinearisedPass(*fns.dense_forward(weights, feats, with_derivatives=True))
+    first_z = first_pre_activation(fns, weights, feats)
+    return LinearisedPass(*fns.dense_forward(weights, feats, with_derivatives=True,
+                                             first_pre_activation=first_z), first_z)
 
 
 def vjp_signals(fns, weights, lin, cotangent):
@@ -96,16 +100,6 @@ def first_pre_activation(fns, weights, feats):
     return z + weights[spec.bias][:, None, :] if spec.bias >= 0 else z
 
 
-def logits_from_first(fns, weights, first_z):
-    """The logits of ``weights`` from their first pre-activation ``first_z``."""
-    specs = fns.dense_specs
-    a = specs[0].activation(first_z)
-    for spec in specs[1:]:
-        z = tf.matmul(a, weights[spec.kernel])
-        a = spec.activation(z + weights[spec.bias][:, None, :] if spec.bias >= 0 else z)
-    return a
-
-
 def candidate_logits(fns, weights, first_z, gram, lin, signals):
     """The logits of ``apply_signals(fns, weights, lin, signals)`` on the linearised pass's own
     samples, without the first layer's large product: with X those samples and s its signal,
@@ -116,7 +110,8 @@ def candidate_logits(fns, weights, first_z, gram, lin, signals):
     z = first_z - tf.matmul(gram, s)
     if spec.bias >= 0:
         z = z - tf.reduce_sum(s, axis=1, keepdims=True)
-    return logits_from_first(fns, apply_signals(fns, weights, lin, signals, from_layer=1), z)
+    later = apply_signals(fns, weights, lin, signals, from_layer=1)
+    return fns.dense_forward(later, lin.inputs[0], first_pre_activation=z)[0]
 
 
 def signals(fns, weights, feats):
