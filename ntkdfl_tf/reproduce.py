@@ -51,6 +51,7 @@ ALGORITHMS = (("ntk_dfl_grid", "ntk_dfl", {}),
 # The flow part's variants of the tau-grid run.
 FLOWS = (("ntk_dfl_grid_exact", "ntk_dfl", {"flow": "exact"}),
          ("ntk_dfl_grid_euler", "ntk_dfl", {"flow": "euler_adaptive"}))
+LABELS = tuple(label for label, _, _ in ALGORITHMS + FLOWS)
 PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations", "flows")
 QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
 QUICK_LEAVES_OUT = ("DFedAvgM, D-PSGD, DisPFL and DFedSAM; seeds 1 and 2; alpha = 0.5 and IID; "
@@ -145,15 +146,23 @@ def base_config(**overrides):
     return experiment.Config(**values)
 
 
-def runs(parts, base, logdir, quick=False, max_rounds=None):
+def runs(parts, base, logdir, quick=False, max_rounds=None, labels=None):
     """The runs of ``parts`` (names from ``PARTS``; ``quick``: only ``QUICK``'s runs).
 
     Args:
         max_rounds: a lower round cap for every run (a smoke test; not the reproduction).
+        labels: only the runs with these labels (``LABELS``), in the part's order, so the
+            cheap rows of several parts can go first; None: all.
 
     Raises:
-        ValueError: an unknown part, or ``quick`` with parts that hold none of ``QUICK``.
+        ValueError: an unknown part or label, ``quick`` with parts that hold none of
+            ``QUICK``, or labels that leave no run.
     """
+    if labels is not None:
+        unknown = [x for x in labels if x not in LABELS]
+        if unknown:
+            raise ValueError(f"unknown run label {unknown[0]!r}; choose from "
+                             f"{', '.join(LABELS)}.")
     for part in parts:
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)} (or "
@@ -168,6 +177,11 @@ def runs(parts, base, logdir, quick=False, max_rounds=None):
         if not out:
             raise ValueError(f"--quick runs {', '.join(QUICK)}, all in part a0.1_s0; drop "
                              f"--part or include a0.1_s0.")
+    if labels is not None:
+        out = [r for r in out if r.label in labels]
+        if not out:
+            raise ValueError(f"parts {', '.join(parts)} hold no run labelled "
+                             f"{', '.join(labels)}; drop --labels or choose other parts.")
     return out
 
 

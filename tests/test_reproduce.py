@@ -46,6 +46,13 @@ def test_quick_and_bad_arguments(tmp_path, one_line_error):
     one_line_error(reproduce.runs, ["a0.2"], base, "x", names=("a0.2", "a0.1_s0"))
     one_line_error(reproduce.runs, ["iid"], base, "x", True, names=("--quick", "a0.1_s0"))
     one_line_error(reproduce.runs, ["iid"], base, "x", False, 0, names=("max_rounds=0",))
+    chosen = reproduce.runs(["a0.5", "iid"], base, str(tmp_path), labels=["dfedavg", "dispfl"])
+    assert [r.name for r in chosen] == ["dfedavg_a0.5_k5_s0", "dispfl_a0.5_k5_s0",
+                                        "dfedavg_aiid_k5_s0", "dispfl_aiid_k5_s0"]
+    one_line_error(reproduce.runs, ["iid"], base, "x", False, None, ["fedavg"],
+                   names=("'fedavg'", "dfedavg"))
+    one_line_error(reproduce.runs, ["iid"], base, "x", False, None, ["ntk_dfl_grid_exact"],
+                   names=("ntk_dfl_grid_exact", "--labels"))
 
 
 def _run(label="dfedavg", **overrides):

@@ -3,6 +3,7 @@
     python launchers/reproduce.py --quick                 # NTK-DFL (grid, tau = 100), DFedAvg
     python launchers/reproduce.py --part=a0.1_s0          # alpha = 0.1, seed 0, every algorithm
     python launchers/reproduce.py --part=a0.1_s1,a0.1_s2,a0.5,iid,kappa,ablations,flows
+    python launchers/reproduce.py --part=a0.5,iid --labels=ntk_dfl_grid,dfedavg  # cheap rows first
 
 Checkpoints go to --logdir; runs.csv, histories/, tables.md and the figures to --results_dir,
 and the tables into the generated block of --results_md. A killed part resumes where it stopped
@@ -22,6 +23,8 @@ RESULTS_DIR = "docs/results/reproduce"
 flags.DEFINE_list("part", ["a0.1_s0"], f"Parts to run: {', '.join(reproduce.PARTS)}.")
 flags.DEFINE_bool("quick", False, "Only the runs of the half-hour subset "
                   f"({', '.join(reproduce.QUICK)}).")
+flags.DEFINE_list("labels", None, "Only these runs of the parts, e.g. ntk_dfl_grid,dfedavg "
+                  f"(from {', '.join(reproduce.LABELS)}); default: all.")
 flags.DEFINE_string("logdir", "runs/reproduce", "Checkpoints, histories and TensorBoard events.")
 flags.DEFINE_string("results_dir", RESULTS_DIR, "runs.csv, histories/, tables.md, figures.")
 flags.DEFINE_string("results_md", "RESULTS.md", "Markdown file whose generated block receives "
@@ -45,7 +48,8 @@ def main(argv):
         if FLAGS.num_clients is not None:
             overrides["num_clients"] = FLAGS.num_clients
         base = reproduce.base_config(**overrides)
-        todo = reproduce.runs(FLAGS.part, base, FLAGS.logdir, FLAGS.quick, FLAGS.max_rounds)
+        todo = reproduce.runs(FLAGS.part, base, FLAGS.logdir, FLAGS.quick, FLAGS.max_rounds,
+                               FLAGS.labels)
         if FLAGS.quick:
             print(f"--quick: {', '.join(r.name for r in todo)}; leaves out "
                   f"{reproduce.QUICK_LEAVES_OUT}.", flush=True)
