@@ -2,6 +2,7 @@
 
     python benchmarks/flow_fidelity.py
     python benchmarks/flow_fidelity.py --etas=0.01 --train_epochs=0,2 --neighbourhoods=3
+    python benchmarks/flow_fidelity.py --etas=0.01 --products=float32,bfloat16 --jit_compile
 
 Real Fashion-MNIST neighbourhoods (client i and ``--num_neighbors`` others of a Dirichlet
 split, ``--samples_per_client`` each: N ~ 1,200), the MLP at its initial weights (or after
@@ -39,6 +40,9 @@ flags.DEFINE_list("train_epochs", ["0"], "SGD epochs on the neighbourhoods' data
                   "kernel is taken (0: the initial weights).")
 flags.DEFINE_list("taus", ["100", "200", "300", "400", "500", "600", "800"], "Candidate taus.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the flows.")
+flags.DEFINE_list("products", ["float32"], "Precision of the products with H (float32, bfloat16, "
+                  "float16; inputs rounded, result cast back to float32); the reference, the "
+                  "exact flow, always takes float32 products.")
 flags.DEFINE_integer("seed", 0, "Seed of the split, the neighbourhoods and the weights.")
 FLAGS = flags.FLAGS
 
@@ -71,9 +75,13 @@ def weights_after(epochs, xs, labels, mask, seed):
     return model
 
 
-def make_flow(flow, taus):
-    """A traced ``(h, f0, y, mask, n, eta) -> (R, steps)`` for one ``NTKDFL(flow=...)`` value."""
+def make_flow(flow, taus, products="float32"):
+    """A traced ``(h, f0, y, mask, n, eta) -> (R, steps)`` for one ``NTKDFL(flow=...)`` value,
+    its products with H in the precision ``products``."""
     def run(h, f0, y, mask, n, eta):
+        if products != "float32":  # the flow takes a callable H as it takes a matrix-free one
+            low = tf.cast(h, products)
+            h = lambda v: tf.cast(tf.matmul(low, tf.cast(v, products)), tf.float32)  # noqa: E731
         if flow in DOPRI_TOLERANCES:
             rtol, atol = DOPRI_TOLERANCES[flow]
             r, _, steps, _ = flow_lib.dormand_prince_flow(h, f0, y, mask, n, eta, taus,
@@ -96,8 +104,10 @@ def main(argv):
     taus = [int(t) for t in FLAGS.taus]
     xs, labels, mask = neighbourhoods(rng)
     n = tf.reduce_sum(mask, 1)
-    order = ("exact",) + tuple(f for f in FLOWS if f != "exact")  # the reference first
-    traced = {flow: make_flow(flow, taus) for flow in order}
+    # the reference first
+    order = [("exact", "float32")] + [(f, p) for p in FLAGS.products for f in FLOWS
+                                      if (f, p) != ("exact", "float32")]
+    traced = {(f, p): make_flow(f, taus, p) for f, p in order}
     for epochs in (int(e) for e in FLAGS.train_epochs):
         fns = ModelFunctions(weights_after(epochs, xs, labels, mask, FLAGS.seed))
         weights = [tf.constant(np.repeat(w[None], FLAGS.neighbourhoods, 0))
@@ -119,8 +129,8 @@ def main(argv):
         for eta_value in (float(e) for e in FLAGS.etas):
             eta = tf.constant(eta_value, tf.float32)
             exact = None
-            for flow in order:
-                fn = traced[flow]
+            for flow, products in order:
+                fn = traced[flow, products]
                 args = (h, f0, labels, mask, n, eta)
                 fn(*args)  # traced (and compiled) at the first eta; warm otherwise
                 seconds = []
@@ -138,7 +148,7 @@ def main(argv):
                     "train_epochs": epochs, "eta": eta_value,
                     "eta_lambda_max_median": round(float(np.median(lam * eta_value)), 2),
                     "eta_lambda_max_max": round(float(np.max(lam * eta_value)), 2),
-                    "flow": flow, "dw_error_median": float(f"{np.median(err):.2g}"),
+                    "flow": flow, "products": products, "dw_error_median": float(f"{np.median(err):.2g}"),
                     "dw_error_max": float(f"{np.max(err):.2g}"),
                     "steps_per_grid_step": round(float(steps), 2),
                     "products_per_grid_step": round(

@@ -350,10 +350,14 @@ def _reference_flow(h, f0, y, mask, n, eta, taus):
     return r_ref, f_ref
 
 
-def test_exact_flow_update_matches_float64_reference():
+@pytest.mark.parametrize("classes_first", [True, False])
+def test_exact_flow_update_matches_float64_reference(classes_first, monkeypatch):
     """flow="exact": the update sum_c J_c^T R_tau,c (J explicit, H = (1/C) sum_c J_c J_c^T) and
     f(tau * eta) within 1e-4 of a float64 DOP853 solution at rtol 1e-10, in the stiff regime
-    (eta lambda_max(H/N) ~ 4, where one Euler step per grid step is off by percents)."""
+    (eta lambda_max(H/N) ~ 4, where one Euler step per grid step is off by percents); in both
+    of the loop's layouts (small slices run classes first)."""
+    monkeypatch.setattr(kernels.flow, "CLASSES_FIRST_MAX_N", N if classes_first else N - 1)
+    dopri = tf.function(kernels.dormand_prince_flow)  # traced under this layout
     rng = np.random.default_rng(5)
     _, f0, y, mask, n = _problem(scale=1.0, seed=5)
     p = 40
@@ -364,9 +368,11 @@ def test_exact_flow_update_matches_float64_reference():
     lam = np.linalg.eigvalsh(h).max(-1) / n
     assert 3 < eta * lam.max() < 6
     r_ref, f_ref = _reference_flow(h, f0, y, mask, n, eta, taus)
-    r, f, steps, finished = DOPRI(*_tf(h.astype(np.float32), f0, y, mask, n),
+    r, f, steps, finished = dopri(*_tf(h.astype(np.float32), f0, y, mask, n),
                                   tf.constant(eta), taus, **EXACT_TOL)
     assert bool(finished)
+    assert kernels.flow._Layout(h, f0, mask, kernels.losses.get("cross_entropy")
+                                ).classes_first == classes_first
     update = lambda r: np.einsum("bncp,tbnc->tbp", jac, np.asarray(r, np.float64))
     for t in range(len(taus)):
         for b in range(B):

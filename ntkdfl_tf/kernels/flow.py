@@ -203,20 +203,53 @@ def adaptive_euler_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
         check=lambda state, t: state[9])
 
 
-def _classes_first(v):
-    """Swaps the last two axes: ``[..., N, C] <-> [..., C, N]``."""
+# Up to this many samples per client the Dormand-Prince loop works classes first.
+CLASSES_FIRST_MAX_N = 512
+
+
+class _Layout:
+    """How the Dormand-Prince loop lays out logits: ``[B, N, C]`` or classes first, ``[B, C, N]``.
+
+    Classes first, the softmax's max and sum run across rows of N contiguous samples, which
+    XLA's CPU code vectorises (over a last axis of 10 classes the residual cost 2.4x as much,
+    and the flow evaluates it ~2,000 times a call), and the product v H (H is symmetric) was
+    1.4x faster than H v at N = 198; from N ~ 500 on, H v is the faster product (1.6x at
+    N = 1,185), so larger slices keep ``[B, N, C]`` (docs/performance.md, the flow classes first).
+    """
+
+    def __init__(self, h, f0, mask, loss):
+        n_max = f0.shape[-2]
+        self.classes_first = n_max is not None and n_max <= CLASSES_FIRST_MAX_N
+        if not self.classes_first:
+            self.mask, self.residual, self.apply = mask[..., None], loss.residual, as_operator(h)
+            return
+        self.mask = mask[:, None, :]
+        if isinstance(loss, losses.CrossEntropy):  # tf.nn.softmax on axis 1 transposes twice
+            def residual(f, y):
+                e = tf.exp(f - tf.reduce_max(f, 1, keepdims=True))
+                return e / tf.reduce_sum(e, 1, keepdims=True) - y
+        else:
+            def residual(f, y):
+                return _swap(loss.residual(_swap(f), _swap(y)))
+        self.residual = residual
+        if callable(h):
+            self.apply = lambda v: _swap(h(_swap(v)))
+        else:
+            self.apply = lambda v: tf.matmul(v, h)  # (H v^T)^T = v H^T = v H
+
+    def into(self, v):
+        """``[..., N, C]`` into the loop's layout."""
+        return _swap(v) if self.classes_first else v
+
+    def out_of(self, v):
+        """The loop's layout back to ``[..., N, C]``."""
+        return _swap(v) if self.classes_first else v
+
+
+def _swap(v):
+    """Swaps the last two axes."""
     rank = len(v.shape)
     return tf.transpose(v, list(range(rank - 2)) + [rank - 1, rank - 2])
-
-
-def _residual_classes_first(loss):
-    """``loss.residual`` on ``[B, C, N]`` tensors."""
-    if isinstance(loss, losses.CrossEntropy):  # tf.nn.softmax on axis 1 would transpose twice
-        def residual(f, y):
-            e = tf.exp(f - tf.reduce_max(f, 1, keepdims=True))
-            return e / tf.reduce_sum(e, 1, keepdims=True) - y
-        return residual
-    return lambda f, y: _classes_first(loss.residual(_classes_first(f), _classes_first(y)))
 
 
 # Dormand-Prince 5(4) (Hairer, Norsett & Wanner, Solving ODEs I, Table 5.2): stage matrix,
@@ -268,7 +301,8 @@ def dormand_prince_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol
     missed = tf.cast(taus[:, None] >= s[None], dtype)[..., None, None]  # [T, B, 1, 1]
     nan = tf.constant(float("nan"), dtype)
     rs, fs = tf.where(missed > 0, nan, rs), tf.where(missed > 0, nan, fs)
-    rs, fs = _classes_first(rs), _classes_first(fs)  # back to [T, B, N, C]
+    layout = _Layout(h, f0, mask, losses.get(loss))
+    rs, fs = layout.out_of(rs), layout.out_of(fs)  # back to [T, B, N, C]
     return rs, fs, flow.steps(state, last), flow.check(state, last)
 
 
@@ -287,18 +321,9 @@ def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
     eta = tf.cast(eta, dtype)
     end = eta * tf.cast(last, dtype)
     count = tf.maximum(tf.reduce_sum(mask, 1), 1.0) * tf.cast(tf.shape(f0)[-1], dtype)
-    # The loop works classes first, [B, C, N]: the softmax's max and sum then run across rows
-    # of N contiguous samples, which XLA's CPU code vectorises; over a last axis of 10 classes
-    # the residual cost about 2.4x as much, and the flow evaluates it ~2,000 times a call.
-    f0, y = _classes_first(f0), _classes_first(y)
-    m, loss = mask[:, None, :], losses.get(loss)
-    residual = _residual_classes_first(loss)
-    if callable(h):
-        def apply(v):
-            return _classes_first(h(_classes_first(v)))
-    else:
-        def apply(v):  # (H v^T)^T
-            return tf.matmul(v, h, transpose_b=True)
+    layout = _Layout(h, f0, mask, losses.get(loss))
+    f0, y, m, residual, apply = layout.into(f0), layout.into(y), layout.mask, layout.residual, \
+        layout.apply
     def combine(weights, ks):
         return tf.add_n([w * k for w, k in zip(weights, ks) if w])
 
@@ -380,8 +405,8 @@ def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
         s, rs, fs = state[1], state[7], state[8]
         missed = (taus[t] >= s)[:, None, None]
         nan = tf.constant(float("nan"), dtype)
-        return (_classes_first(tf.where(missed, nan, tf.gather(rs, t))),
-                _classes_first(tf.where(missed, nan, tf.gather(fs, t))))
+        return (layout.out_of(tf.where(missed, nan, tf.gather(rs, t))),
+                layout.out_of(tf.where(missed, nan, tf.gather(fs, t))))
 
     return FlowSegments(
         init, advance, read,
