@@ -211,10 +211,10 @@ class _Layout:
     """How the Dormand-Prince loop lays out logits: ``[B, N, C]`` or classes first, ``[B, C, N]``.
 
     Classes first, the softmax's max and sum run across rows of N contiguous samples, which
-    XLA's CPU code vectorises (over a last axis of 10 classes the residual cost 2.4x as much,
-    and the flow evaluates it ~2,000 times a call), and the product v H (H is symmetric) was
-    1.4x faster than H v at N = 198; from N ~ 500 on, H v is the faster product (1.6x at
-    N = 1,185), so larger slices keep ``[B, N, C]`` (docs/performance.md, the flow classes first).
+    XLA's CPU code vectorises (over a last axis of a few classes it does not, and the flow
+    evaluates the residual thousands of times a call), and for small N XLA multiplies v H (H is
+    symmetric) faster than H v. For large N, H v is the faster product, so larger slices keep
+    ``[B, N, C]`` (the measurements: docs/performance.md, "The flow, classes first").
     """
 
     def __init__(self, h, f0, mask, loss):
@@ -224,32 +224,27 @@ class _Layout:
             self.mask, self.residual, self.apply = mask[..., None], loss.residual, as_operator(h)
             return
         self.mask = mask[:, None, :]
+        swap = tf.linalg.matrix_transpose  # the last two axes
         if isinstance(loss, losses.CrossEntropy):  # tf.nn.softmax on axis 1 transposes twice
             def residual(f, y):
                 e = tf.exp(f - tf.reduce_max(f, 1, keepdims=True))
                 return e / tf.reduce_sum(e, 1, keepdims=True) - y
         else:
             def residual(f, y):
-                return _swap(loss.residual(_swap(f), _swap(y)))
+                return swap(loss.residual(swap(f), swap(y)))
         self.residual = residual
         if callable(h):
-            self.apply = lambda v: _swap(h(_swap(v)))
+            self.apply = lambda v: swap(h(swap(v)))
         else:
             self.apply = lambda v: tf.matmul(v, h)  # (H v^T)^T = v H^T = v H
 
     def into(self, v):
         """``[..., N, C]`` into the loop's layout."""
-        return _swap(v) if self.classes_first else v
+        return tf.linalg.matrix_transpose(v) if self.classes_first else v
 
     def out_of(self, v):
         """The loop's layout back to ``[..., N, C]``."""
-        return _swap(v) if self.classes_first else v
-
-
-def _swap(v):
-    """Swaps the last two axes."""
-    rank = len(v.shape)
-    return tf.transpose(v, list(range(rank - 2)) + [rank - 1, rank - 2])
+        return tf.linalg.matrix_transpose(v) if self.classes_first else v
 
 
 # Dormand-Prince 5(4) (Hairer, Norsett & Wanner, Solving ODEs I, Table 5.2): stage matrix,
