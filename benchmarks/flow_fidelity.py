@@ -81,7 +81,9 @@ def make_flow(flow, taus, products="float32"):
     def run(h, f0, y, mask, n, eta):
         if products != "float32":  # the flow takes a callable H as it takes a matrix-free one
             low = tf.cast(h, products)
-            h = lambda v: tf.cast(tf.matmul(low, tf.cast(v, products)), tf.float32)  # noqa: E731
+
+            def h(v):
+                return tf.cast(tf.matmul(low, tf.cast(v, products)), tf.float32)
         if flow in DOPRI_TOLERANCES:
             rtol, atol = DOPRI_TOLERANCES[flow]
             r, _, steps, _ = flow_lib.dormand_prince_flow(h, f0, y, mask, n, eta, taus,
@@ -148,7 +150,8 @@ def main(argv):
                     "train_epochs": epochs, "eta": eta_value,
                     "eta_lambda_max_median": round(float(np.median(lam * eta_value)), 2),
                     "eta_lambda_max_max": round(float(np.max(lam * eta_value)), 2),
-                    "flow": flow, "products": products, "dw_error_median": float(f"{np.median(err):.2g}"),
+                    "flow": flow, "products": products,
+                    "dw_error_median": float(f"{np.median(err):.2g}"),
                     "dw_error_max": float(f"{np.max(err):.2g}"),
                     "steps_per_grid_step": round(float(steps), 2),
                     "products_per_grid_step": round(

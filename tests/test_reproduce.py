@@ -96,7 +96,11 @@ def test_tables_aggregate_seeds():
     assert "| dispfl | > 250 | >200 |" in text
     assert "| dispfl | > 250 (0.812 at the cap) |" in reproduce.tables(
         [{**_row("dispfl", 0, None), "final_accuracy": "0.8123"}])
-    assert "**7.0x** (paper: 4.6x)" in text           # 70 / 10 and 83 / 18
+    assert "**7.0x** over seeds 0, 1, 2 (paper: 4.6x)" in text  # 70 / 10 and 83 / 18
+    # only the seeds both reached 85% with: (60 + 70) / (8 + 10), not 65 / 10
+    uneven = [r for r in rows if not (r["label"] == "dfedavg" and r["seed"] == "2")]
+    uneven[-1:-1] = [_row("dfedavg", 2, None)]
+    assert "**7.2x** over seeds 0, 1 (paper" in reproduce.tables(uneven)
     assert "The flow integrator" not in text
     flows = [{**_row("ntk_dfl_grid_exact", 0, 9, 40), "median_round_seconds": "60",
               **{f"accuracy_r{k}": "0.8" for k in (1, 5, 10)}}]

@@ -207,19 +207,24 @@ def adaptive_euler_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
 CLASSES_FIRST_MAX_N = 512
 
 
+def runs_classes_first(n_max):
+    """Whether the Dormand-Prince loop lays out ``n_max`` samples per client classes first."""
+    return n_max is not None and n_max <= CLASSES_FIRST_MAX_N
+
+
 class _Layout:
     """How the Dormand-Prince loop lays out logits: ``[B, N, C]`` or classes first, ``[B, C, N]``.
 
     Classes first, the softmax's max and sum run across rows of N contiguous samples, which
     XLA's CPU code vectorises (over a last axis of a few classes it does not, and the flow
-    evaluates the residual thousands of times a call), and for small N XLA multiplies v H (H is
+    evaluates the residual at every grid point and stage, ~1,900 times a call), and for small
+    N XLA multiplies v H (H is
     symmetric) faster than H v. For large N, H v is the faster product, so larger slices keep
     ``[B, N, C]`` (the measurements: docs/performance.md, "The flow, classes first").
     """
 
     def __init__(self, h, f0, mask, loss):
-        n_max = f0.shape[-2]
-        self.classes_first = n_max is not None and n_max <= CLASSES_FIRST_MAX_N
+        self.classes_first = runs_classes_first(f0.shape[-2])
         if not self.classes_first:
             self.mask, self.residual, self.apply = mask[..., None], loss.residual, as_operator(h)
             return
@@ -290,15 +295,9 @@ def dormand_prince_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol
                                    max_steps_per_grid_step)
     last = -1
     state = flow.advance(flow.start, last)
-    it, s, _, _, _, _, _, rs, fs, _ = state
-    taus = tf.cast(tf.convert_to_tensor(taus), tf.int32)
-    dtype = f0.dtype
-    missed = tf.cast(taus[:, None] >= s[None], dtype)[..., None, None]  # [T, B, 1, 1]
-    nan = tf.constant(float("nan"), dtype)
-    rs, fs = tf.where(missed > 0, nan, rs), tf.where(missed > 0, nan, fs)
-    layout = _Layout(h, f0, mask, losses.get(loss))
-    rs, fs = layout.out_of(rs), layout.out_of(fs)  # back to [T, B, N, C]
-    return rs, fs, flow.steps(state, last), flow.check(state, last)
+    count = taus.shape[0] if tf.is_tensor(taus) else len(taus)  # static: a handful
+    rs, fs = zip(*(flow.read(state, t) for t in range(count)))
+    return tf.stack(rs), tf.stack(fs), flow.steps(state, last), flow.check(state, last)
 
 
 def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-6,
