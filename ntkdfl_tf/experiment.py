@@ -84,6 +84,7 @@ class Config:
     run_name: str = None
     verbose: int = 1
     stop_at_accuracy: float = 0.0  # stop once the aggregate reaches it (0: run every round)
+    client_metrics_every: int = 1  # rounds between evaluations of every client model
 
 
 PRESETS = {
@@ -237,10 +238,14 @@ def partition(cfg, x, y):
 def validate(cfg):
     """Checks the configuration before any data is loaded; raises ValueError naming the value."""
     positive = {"num_clients": cfg.num_clients, "rounds": cfg.rounds,
-                "learning_rate": cfg.learning_rate, "hidden": cfg.hidden}
+                "learning_rate": cfg.learning_rate, "hidden": cfg.hidden,
+                "client_metrics_every": cfg.client_metrics_every}
     for name, value in positive.items():
         if value is None or value <= 0:
             raise ValueError(f"--{name} must be positive, got {value!r}.")
+    if not 0 <= cfg.stop_at_accuracy <= 1:
+        raise ValueError(f"--stop_at_accuracy must lie in [0, 1] (0: never stop early), got "
+                         f"{cfg.stop_at_accuracy!r}.")
     if cfg.partition == "dirichlet" and not cfg.alpha > 0:
         raise ValueError(f"--alpha must be > 0 for the Dirichlet partition, got {cfg.alpha!r}.")
     data.check_name(cfg.dataset)
@@ -321,17 +326,14 @@ def run(cfg, dataset=None):
            final,
            # last, so a round is checkpointed only once its CSV row is on disk
            callbacks.RoundCheckpoint(cfg.logdir, resume=cfg.resume, verbose=cfg.verbose)]
-    if cfg.stop_at_accuracy:
-        def stop(epoch, logs):
-            if logs.get("val_accuracy", 0.0) >= cfg.stop_at_accuracy:
-                trainer.model.stop_training = True
-        cbs.append(keras.callbacks.LambdaCallback(on_epoch_end=stop))
     if cfg.verbose:
         print(f"{cfg.algorithm}: {cfg.num_clients} clients ({cfg.partition}, alpha={cfg.alpha}), "
               f"{cfg.topology} topology, {cfg.rounds} rounds on {cfg.dataset}; "
               f"{int(clients.counts.sum())} training samples.", flush=True)
     history = trainer.fit(clients, rounds=cfg.rounds, validation_data=(x_test, y_test),
-                          callbacks=cbs, verbose=cfg.verbose)
+                          callbacks=cbs, verbose=cfg.verbose,
+                          client_metrics_every=cfg.client_metrics_every,
+                          stop_at_accuracy=cfg.stop_at_accuracy or None)
     if final.selected_clients is not None and trainer.byzantine_clients is not None:
         # who the saved model averages, and which of them were Byzantine
         with atomic_open(os.path.join(cfg.logdir, "final_clients.json"), "w") as f:

@@ -181,7 +181,7 @@ class DecentralizedTrainer:
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, clients, rounds, validation_data=None, callbacks=None, verbose=1,
-            initial_round=None):
+            initial_round=None, client_metrics_every=1, stop_at_accuracy=None):
         """Runs communication rounds.
 
         Args:
@@ -199,12 +199,29 @@ class DecentralizedTrainer:
                 per round (``callbacks.RoundProgress``; a ``keras.callbacks.ProgbarLogger`` in
                 ``callbacks`` replaces it).
             initial_round: round to start from; by default where the last ``fit`` stopped.
+            client_metrics_every: evaluate every client model (``evaluate``'s per-client
+                metrics, K passes over the test set) every this many rounds, on the last round
+                and on the round that reaches ``stop_at_accuracy``; the aggregate is evaluated
+                every round. At 300 clients the per-client pass costs several times a cheap
+                algorithm's round.
+            stop_at_accuracy: stop after the first round whose aggregate reaches this test
+                accuracy (needs ``validation_data``); None: run every round.
 
         Returns:
             A ``keras.callbacks.History`` with one entry per round.
         """
         if not isinstance(rounds, (int, np.integer)) or rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {rounds!r}.")
+        if not isinstance(client_metrics_every, (int, np.integer)) or client_metrics_every < 1:
+            raise ValueError(f"client_metrics_every must be a positive integer (1: every round), "
+                             f"got {client_metrics_every!r}.")
+        if stop_at_accuracy is not None:
+            if not 0 < stop_at_accuracy <= 1:
+                raise ValueError(f"stop_at_accuracy must lie in (0, 1], got "
+                                 f"{stop_at_accuracy!r}; pass None to run every round.")
+            if validation_data is None:
+                raise ValueError("stop_at_accuracy needs validation_data: the aggregate's test "
+                                 "accuracy decides when to stop.")
         clients = self._client_data(clients)
         tensors = self._client_tensors(clients)
         k = tensors.num_clients
@@ -290,7 +307,14 @@ class DecentralizedTrainer:
             self.round = r + 1
             self._set_model_to_aggregate()
             if validation_data is not None:
-                logs.update(self.evaluate(*val, features_ready=True))
+                logs.update(self.evaluate(*val, features_ready=True, clients=False))
+                reached = (stop_at_accuracy is not None
+                           and logs["val_accuracy"] >= stop_at_accuracy)
+                self.last_client_accuracy = None
+                if reached or r + 1 == rounds or (r + 1) % client_metrics_every == 0:
+                    logs.update(self.evaluate_clients(*val, features_ready=True))
+                if reached:
+                    self.model.stop_training = True
             cb_list.on_epoch_end(r, logs)
             if self.model.stop_training:
                 break
@@ -518,13 +542,20 @@ class DecentralizedTrainer:
             x, y = self.prepare_examples(x, y)
         aggregate = [w[None] for w in self.aggregated_weights()]
         agg_acc, agg_loss = (float(v[0]) for v in self.evaluate_models(aggregate, x, y))
-        if not clients:
-            return {"val_loss": agg_loss, "val_accuracy": agg_acc}
+        logs = {"val_loss": agg_loss, "val_accuracy": agg_acc}
+        if clients:
+            logs.update(self.evaluate_clients(x, y, features_ready=True))
+        return logs
+
+    def evaluate_clients(self, x, y, features_ready=False):
+        """``evaluate``'s per-client metrics alone (every ``val_client_*`` and
+        ``val_honest_*`` key), without the aggregate's loss and accuracy."""
+        if not features_ready:
+            x, y = self.prepare_examples(x, y)
         correct, _ = self._evaluate_counts(self.client_weights, x, y)
         client_acc = correct.sum(1) / int(x.shape[0])
         self.last_client_accuracy = client_acc
-        logs = {"val_loss": agg_loss, "val_accuracy": agg_acc,
-                "val_client_mean_accuracy": float(client_acc.mean()),
+        logs = {"val_client_mean_accuracy": float(client_acc.mean()),
                 "val_client_min_accuracy": float(client_acc.min()),
                 "val_client_max_accuracy": float(client_acc.max()),
                 "val_client_worst10_accuracy": worst_tenth(client_acc)}

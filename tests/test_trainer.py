@@ -1,6 +1,7 @@
 """End to end on real Fashion-MNIST through DecentralizedTrainer.fit with stock Keras callbacks."""
 
 import csv
+import functools
 import glob
 import os
 
@@ -122,6 +123,54 @@ def test_early_stopping_stops_training(small_fashion):
     history = trainer.fit(clients, rounds=5, validation_data=(x_test[:200], y_test[:200]),
                           callbacks=[stop], verbose=0)
     assert history.epoch == [0, 1]
+
+
+class _LogRecorder(keras.callbacks.Callback):
+    """Records each round's logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.logs = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.logs.append(dict(logs))
+
+
+def test_client_metrics_every_and_stop_at_accuracy(tiny, one_line_error):
+    """Client models are evaluated on every n-th round, the last one and the one that reaches
+    stop_at_accuracy (which ends the fit); skipping them changes no weight or metric."""
+    clients, test = tiny
+
+    def fit(**kwargs):
+        trainer = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.get("dpsgd"),
+                                          nd.topology.RandomGraph(3), seed=5)
+        recorder = _LogRecorder()
+        trainer.fit(clients, rounds=7, validation_data=test, callbacks=[recorder], verbose=0,
+                    **kwargs)
+        return trainer, recorder.logs
+
+    every, all_logs = fit()
+    sparse, logs = fit(client_metrics_every=3)
+    assert [i + 1 for i, r in enumerate(logs) if "val_client_mean_accuracy" in r] == [3, 6, 7]
+    for dense, r in zip(all_logs, logs):
+        assert {k: v for k, v in dense.items() if k in r and k != "round_seconds"} == \
+            {k: v for k, v in r.items() if k != "round_seconds"}
+    for a, b in zip(every.client_weights, sparse.client_weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # the first round whose aggregate beats round 1's stops the run, with its client metrics
+    target = all_logs[0]["val_accuracy"] + 1e-6
+    first = next(i for i, r in enumerate(all_logs) if r["val_accuracy"] >= target)
+    assert 0 < first < 6
+    _, stopped = fit(client_metrics_every=100, stop_at_accuracy=target)
+    assert len(stopped) == first + 1
+    assert [i for i, r in enumerate(stopped) if "val_client_mean_accuracy" in r] == [first]
+    assert stopped[-1]["val_client_mean_accuracy"] == all_logs[first]["val_client_mean_accuracy"]
+    trainer = nd.DecentralizedTrainer(nd.models.mlp, nd.algorithms.get("dpsgd"),
+                                      nd.topology.RandomGraph(3))
+    one_line_error(functools.partial(trainer.fit, client_metrics_every=0), clients, 2,
+                   names=["client_metrics_every", "0"])
+    one_line_error(functools.partial(trainer.fit, stop_at_accuracy=0.5), clients, 2,
+                   names=["stop_at_accuracy", "validation_data"])
 
 
 class _StepRecorder(keras.callbacks.Callback):

@@ -80,6 +80,9 @@ _HELP = {
     "run_name": "Model file name (default: the logdir's last part).",
     "verbose": "0 silent, 1 progress bar, 2 one line per round.",
     "stop_at_accuracy": "Stop once the aggregated model reaches this test accuracy (0: never).",
+    "client_metrics_every": "Rounds between evaluations of every client model (the aggregate "
+                            "is evaluated every round; also on the last round and the one that "
+                            "reaches --stop_at_accuracy).",
 }
 
 
