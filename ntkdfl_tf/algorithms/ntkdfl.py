@@ -134,8 +134,8 @@ class NTKDFL(base.Algorithm):
         kernel: traced-NTK implementation, see ``ntkdfl_tf.kernels`` (``"auto"`` by default).
         per_round_averaging: False for the ablation without neighbour averaging.
         client_batch: clients evolved together in one TensorFlow call (1 by default; with
-            ``jacobian_batches`` > 1 batches of 30-60 under ``jit_compile`` are fastest on CPU:
-            README, Performance). With an Euler ``flow`` a batch shares one step size, the
+            ``jacobian_batches`` > 1 and ``jit_compile``, batches of 5 were fastest on CPU with
+            ``dopri5``, 30-60 with the Euler flows: docs/performance.md). With an Euler ``flow`` a batch shares one step size, the
             finest any of its clients needs; with Dormand-Prince every client keeps its own and
             the call lasts as long as its slowest. Batches are contiguous runs of client
             indices, the same every round (a remote executor keeps each run's data on one
