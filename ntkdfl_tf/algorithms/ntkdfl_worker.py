@@ -641,8 +641,9 @@ def gather_neighbourhood(clients, index, valid, keep=None):
         g = tf.gather(t, index)  # [B, S, n_max, ...]
         return tf.reshape(g, [batch, slots * n_max] + list(t.shape[2:]))
 
-    slot_mask = tf.repeat(tf.convert_to_tensor(valid, tf.float32), n_max, axis=1)
+    # in NumPy: eager tf.repeat is a dozen small ops, a visible share of a short slice
+    slot_mask = np.repeat(np.asarray(valid, np.float32), n_max, axis=1)
     if keep is not None:
-        slot_mask = slot_mask * tf.reshape(tf.constant(keep, tf.float32), [batch, slots * n_max])
+        slot_mask = slot_mask * np.reshape(keep, [batch, slots * n_max])
     mask = stack(clients.mask) * slot_mask
     return stack(clients.features), stack(clients.labels) * mask[..., None], mask
