@@ -13,7 +13,10 @@ m = 6, XLA-compiled groups of 5 clients, the default flow), trained until the ag
 - ``ablations``: a static ring against the redrawn graph (NTK-DFL and DFedAvg), and NTK-DFL
   without per-round averaging, at alpha = 0.1;
 - ``flows``: NTK-DFL (tau grid) at alpha = 0.1, seed 0, with the exact flow and with the
-  earlier default, adaptive Euler (the default flow, dopri5, is ``a0.1_s0``'s run).
+  earlier default, adaptive Euler (the default flow, dopri5, is ``a0.1_s0``'s run);
+- ``unbatched``: the same without Jacobian batching (m = 1, one kernel over each whole
+  neighbourhood, as the reference's ``main.py`` runs it), to tell how much of the difference
+  from the paper's rounds the batching makes.
 
 ``QUICK`` is the subset of ``a0.1_s0`` that fits in half an hour here (the two NTK-DFL variants
 and DFedAvg); it leaves out the other baselines, seeds, alphas, kappas and ablations.
@@ -39,6 +42,7 @@ from ntkdfl_tf.callbacks.history_csv import read_history
 from ntkdfl_tf.io import atomic_open, read_csv, save_figure, write_csv
 
 TARGET = 0.85
+BASE_JACOBIAN_BATCHES = experiment.PRESETS["paper_fast"]["jacobian_batches"]
 ROUND_CAPS = {"ntk_dfl": 40}
 BASELINE_ROUND_CAP = 250
 CHECKPOINT_ROUNDS = (1, 5, 10, 20)
@@ -51,15 +55,18 @@ ALGORITHMS = (("ntk_dfl_grid", "ntk_dfl", {}),
               ("ntk_dfl_tau100", "ntk_dfl", {"taus": (100,)}),
               ("dfedavg", "dfedavg", {}), ("dfedavgm", "dfedavgm", {}),
               ("dpsgd", "dpsgd", {}), ("dispfl", "dispfl", {}), ("dfedsam", "dfedsam", {}))
-# The flow part's variants of the tau-grid run.
+# The flow part's and the unbatched part's variants of the tau-grid run.
 FLOWS = (("ntk_dfl_grid_exact", "ntk_dfl", {"flow": "exact"}),
          ("ntk_dfl_grid_euler", "ntk_dfl", {"flow": "euler_adaptive"}))
-LABELS = tuple(label for label, _, _ in ALGORITHMS + FLOWS)
-PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations", "flows")
+UNBATCHED = (("ntk_dfl_grid_m1", "ntk_dfl", {"jacobian_batches": 1}),)
+VARIANTS = FLOWS + UNBATCHED
+LABELS = tuple(label for label, _, _ in ALGORITHMS + VARIANTS)
+PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations", "flows",
+         "unbatched")
 QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
 QUICK_LEAVES_OUT = ("DFedAvgM, D-PSGD, DisPFL and DFedSAM; seeds 1 and 2; alpha = 0.5 and IID; "
                     "kappa 2 and 10; the ring and no-averaging ablations; the exact and Euler "
-                    "flows")
+                    "flows; NTK-DFL without Jacobian batching")
 
 # The paper's rounds to 85% (Fashion-MNIST, 300 clients, kappa = 5); None: not reported.
 # ">200" is DisPFL's entry at alpha = 0.1.
@@ -133,6 +140,8 @@ def _part_runs(part, base, logdir, max_rounds):
                                                      alpha=0.1, seed=0, num_neighbors=k)]
     if part == "flows":
         return _setting(part, base, logdir, max_rounds, variants=FLOWS, alpha=0.1, seed=0)
+    if part == "unbatched":
+        return _setting(part, base, logdir, max_rounds, variants=UNBATCHED, alpha=0.1, seed=0)
     # ablations
     return (_setting(part, base, logdir, max_rounds, pair, alpha=0.1, seed=0,
                      topology="ring") +
@@ -353,16 +362,18 @@ def tables(rows):
                        " / ".join(_median([r], f"accuracy_r{k}", _acc) for k in (1, 5, 10)) +
                        f" | {float(r['median_round_seconds']):.1f} |")
         out.append("")
-    flows = [r for r in main if _alpha_key(r["alpha"]) == "0.1" and r["seed"] == "0" and
-             r["label"] in ("ntk_dfl_grid",) + tuple(label for label, _, _ in FLOWS)]
-    if any(r["label"] != "ntk_dfl_grid" for r in flows):
-        out += ["#### The flow integrator (NTK-DFL, τ grid, α = 0.1, seed 0)", "",
-                "| run | flow | rounds to 85% | accuracy r1 / r5 / r10 | s / round |",
-                "|---|---|---|---|---|"]
-        for r in flows:
-            flow = dict((label, extra.get("flow")) for label, _, extra in FLOWS).get(
-                r["label"], "dopri5 (default)")
-            out.append(f"| {r['run']} | {flow} | {_fmt_rounds([r])} | " +
+    variants = [r for r in main if _alpha_key(r["alpha"]) == "0.1" and r["seed"] == "0" and
+                r["label"] in ("ntk_dfl_grid",) + tuple(label for label, _, _ in VARIANTS)]
+    if any(r["label"] != "ntk_dfl_grid" for r in variants):
+        out += ["#### Variants of NTK-DFL's τ-grid run (α = 0.1, seed 0)", "",
+                "| run | flow, Jacobian batches m | rounds to 85% | accuracy r1 / r5 / r10 | "
+                "s / round |", "|---|---|---|---|---|"]
+        settings = {label: extra for label, _, extra in VARIANTS}
+        for r in variants:
+            extra = settings.get(r["label"], {})
+            setting = (f"{extra.get('flow', 'dopri5')}, m = "
+                       f"{extra.get('jacobian_batches', BASE_JACOBIAN_BATCHES)}")
+            out.append(f"| {r['run']} | {setting} | {_fmt_rounds([r])} | " +
                        " / ".join(_median([r], f"accuracy_r{k}", _acc) for k in (1, 5, 10)) +
                        f" | {float(r['median_round_seconds']):.1f} |")
         out.append("")

@@ -20,9 +20,12 @@ def test_plan_covers_the_issue_table(tmp_path):
     names = [r.name for r in todo]
     assert len(names) == len(set(names))  # every run has a folder of its own
     # 3 seeds at alpha 0.1 + alpha 0.5 + IID, each with all 7 variants; kappa 2 and 10 for two
-    # algorithms; ring for two, no averaging for one; two more flows.
-    assert len(todo) == 5 * 7 + 2 * 2 + 3 + 2
+    # algorithms; ring for two, no averaging for one; two more flows; one unbatched.
+    assert len(todo) == 5 * 7 + 2 * 2 + 3 + 2 + 1
     assert {r.config.flow for r in todo if r.part == "flows"} == {"exact", "euler_adaptive"}
+    assert {r.config.jacobian_batches for r in todo if r.config.algorithm == "ntk_dfl"} == {6, 1}
+    assert [(r.name, r.config.jacobian_batches) for r in todo if r.part == "unbatched"] == \
+        [("ntk_dfl_grid_m1_a0.1_k5_s0", 1)]
     algorithms = {r.config.algorithm for r in todo}
     assert algorithms == {"ntk_dfl", "dfedavg", "dfedavgm", "dpsgd", "dfedsam", "dispfl"}
     for r in todo:
@@ -101,11 +104,13 @@ def test_tables_aggregate_seeds():
     uneven = [r for r in rows if not (r["label"] == "dfedavg" and r["seed"] == "2")]
     uneven[-1:-1] = [_row("dfedavg", 2, None)]
     assert "**7.2x** over seeds 0, 1 (paper" in reproduce.tables(uneven)
-    assert "The flow integrator" not in text
-    flows = [{**_row("ntk_dfl_grid_exact", 0, 9, 40), "median_round_seconds": "60",
-              **{f"accuracy_r{k}": "0.8" for k in (1, 5, 10)}}]
-    assert "| ntk_dfl_grid_exact_0 | exact | 9 | 0.800 / 0.800 / 0.800 | 60.0 |" in \
-        reproduce.tables(flows)
+    assert "Variants of NTK-DFL" not in text
+    variants = [{**_row(label, 0, 9, 40), "median_round_seconds": "60",
+                 **{f"accuracy_r{k}": "0.8" for k in (1, 5, 10)}}
+                for label in ("ntk_dfl_grid_exact", "ntk_dfl_grid_m1")]
+    text = reproduce.tables(variants)
+    assert "| ntk_dfl_grid_exact_0 | exact, m = 6 | 9 | 0.800 / 0.800 / 0.800 | 60.0 |" in text
+    assert "| ntk_dfl_grid_m1_0 | dopri5, m = 1 | 9 |" in text
     partial = reproduce.tables([_row("dfedavg", 0, 60), _row("dfedavg", 1, None)])
     assert "60 (1 of 2 seeds > 250)" in partial
 

@@ -2,7 +2,7 @@
 
     python launchers/reproduce.py --quick                 # NTK-DFL (grid, tau = 100), DFedAvg
     python launchers/reproduce.py --part=a0.1_s0          # alpha = 0.1, seed 0, every algorithm
-    python launchers/reproduce.py --part=a0.1_s1,a0.1_s2,a0.5,iid,kappa,ablations,flows
+    python launchers/reproduce.py --part=a0.1_s1,a0.1_s2,a0.5,iid,kappa,ablations,flows,unbatched
     python launchers/reproduce.py --part=a0.5,iid --labels=ntk_dfl_grid,dfedavg  # cheap rows first
 
 Checkpoints go to --logdir; runs.csv, histories/, tables.md and the figures to --results_dir,
