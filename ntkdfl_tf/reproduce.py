@@ -333,7 +333,8 @@ def _ratio(rows, alpha):
 
 
 def tables(rows):
-    """tables.md: one table per alpha, then the kappa sweep and the ablations.
+    """tables.md: one table per alpha, the kappa sweep, the tau-grid variants, the ablations
+    and each part's wall time.
 
     Args:
         rows: runs.csv rows, as read (text) or as ``summarise`` returns them (numbers).
@@ -388,7 +389,25 @@ def tables(rows):
                                   for k in CHECKPOINT_ROUNDS) +
                        f" | {float(r['final_accuracy']):.3f} |")
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out + _parts_table(rows))
+
+
+def _parts_table(rows):
+    """Each part's runs so far and the hours they took: per run its ``wall_seconds`` (training,
+    evaluation and checkpoints of the invocation that finished it), or its ``train_seconds``
+    over all rounds when larger (a run resumed near its end)."""
+    done = [p for p in PARTS if any(r.get("part") == p for r in rows)]
+    if not done:
+        return []
+    out = ["#### Parts: runs done and wall time", "",
+           "A run resumed from a checkpoint counts the evaluation of its last invocation only.",
+           "", "| part | runs | wall hours |", "|---|---|---|"]
+    for p in done:
+        mine = [r for r in rows if r.get("part") == p]
+        hours = sum(max(float(r.get("wall_seconds") or 0), float(r.get("train_seconds") or 0))
+                    for r in mine) / 3600
+        out.append(f"| {p} | {', '.join(r['label'] for r in mine)} | {hours:.2f} |")
+    return out + [""]
 
 
 def _alpha_key(value):

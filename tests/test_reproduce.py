@@ -113,6 +113,9 @@ def test_tables_aggregate_seeds():
     assert "| ntk_dfl_grid_m1_0 | dopri5, m = 1 | 9 |" in text
     partial = reproduce.tables([_row("dfedavg", 0, 60), _row("dfedavg", 1, None)])
     assert "60 (1 of 2 seeds > 250)" in partial
+    timed = [{**_row(label, 0, 9), "part": "a0.1_s0", "wall_seconds": w, "train_seconds": t}
+             for label, w, t in (("dfedavg", "1800", "900"), ("dpsgd", "60", "5400"))]
+    assert "| a0.1_s0 | dfedavg, dpsgd | 2.00 |" in reproduce.tables(timed)  # 1,800 + 5,400 s
 
 
 def test_update_markdown(tmp_path, one_line_error):
