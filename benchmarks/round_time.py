@@ -34,8 +34,9 @@ flags.DEFINE_integer("rounds", 3, "Rounds per measurement; the first is a warm-u
 flags.DEFINE_integer("num_neighbors", 5, "kappa.")
 flags.DEFINE_integer("local_epochs", 5, "DFedAvg-family local epochs.")
 flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
-flags.DEFINE_list("client_batch", ["5"], "NTK-DFL clients per TensorFlow call (5: the presets'); several values "
-                  "are timed one after another, each against the same baseline rounds.")
+flags.DEFINE_list("client_batch", ["5"], "NTK-DFL clients per TensorFlow call (5: the presets'); "
+                  "several values are timed one after another, each against the same baseline "
+                  "rounds.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
 flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, euler_adaptive "
                     "or euler_bound.")
