@@ -153,7 +153,9 @@ class NTKDFLWorker(base.Worker):
                 received = stack_packages(packages, feats.shape[:2], sketch)
                 h = explicit_kernel(received)
             else:  # Jacobians at the averaged weights; a matrix-free kernel acts in the flow
-                if self.dense_candidates:  # the input gram serves the kernel and the candidates
+                if self.dense_candidates and attack is None and context.screen is None:
+                    h = None  # formed inside the compiled call (_evolve_slice), with the gram
+                elif self.dense_candidates:  # the input gram serves the kernel and candidates
                     gram = kernels.dense.input_gram(feats)
                     h = self.kernel(weights, feats, mask, input_gram=gram)
                 else:
@@ -267,13 +269,19 @@ class NTKDFLWorker(base.Worker):
         with lazy packages, the input gram X X^T of ``feats`` (``kernels.dense.input_gram``):
         each candidate is then carried as its VJP's cotangent, its logits come from the gram
         (``kernels.dense.candidate_logits``) and only the chosen one's weights are formed;
-        None: every candidate's weights from a VJP and a forward pass. The flow's check is
+        None: every candidate's weights from a VJP and a forward pass. ``h`` None (a Dense
+        stack's lazy packages, nothing tampered or screened): H and the gram are formed here,
+        in the same compiled call, which saves a call and lets XLA share H's forward pass with
+        the linearised one. The flow's check is
         ``SliceResult.monotone``. With ``tau_search="early_stop"`` the flow and the candidates
         go together, candidate by candidate, until every client has stopped
         (``_early_stop_search``).
         """
         algorithm, fns, loss = self.algorithm, self.fns, self.loss
         n = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)  # a slice may hold no sample of a client
+        if h is None:
+            gram = kernels.dense.input_gram(feats)
+            h = self.kernel.in_graph(linearised, feats, mask, input_gram=gram)
         if self.matrix_free:
             h = self.kernel.operator(linearised, feats, mask)
         bound = kernels.client_substeps(h, n, eta, mask=mask)

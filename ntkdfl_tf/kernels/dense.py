@@ -20,14 +20,16 @@ class DenseNTK:
             raise ValueError("kernel='dense' needs a model of Dense layers after weightless "
                              "preprocessing; use kernel='explicit' for this model.")
         self.fns = fns
-        self._call = tf.function(self._kernel, reduce_retracing=True)
+        self._call = tf.function(self.in_graph, reduce_retracing=True)
 
     def __call__(self, weights, feats, mask, input_gram=None):
         """H ``[B, N, N]``; ``input_gram``: ``input_gram(feats)`` if the caller has it already
         (the first layer's share of H needs it)."""
         return self._call(weights, feats, tf.cast(mask, tf.float32), input_gram)
 
-    def _kernel(self, weights, feats, mask, input_gram):
+    def in_graph(self, weights, feats, mask, input_gram=None):
+        """``__call__``'s H as ops of the caller's graph (no ``tf.function`` of its own), for a
+        compiled caller that forms H itself; ``mask`` float32."""
         h = 0.0
         terms = layer_terms(self.fns, weights, feats)
         for i, (a, beta, factor) in enumerate(terms):
