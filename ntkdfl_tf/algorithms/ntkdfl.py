@@ -20,8 +20,9 @@ from ntkdfl_tf import kernels, protocol, topology
 from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.errors import DivergenceError
 
-FLOWS = ("dopri5", "exact", "euler_adaptive", "euler_bound")
-DOPRI_TOLERANCES = {"dopri5": (1e-4, 1e-6), "exact": (1e-6, 1e-8)}  # (rtol, atol)
+FLOWS = ("dopri5", "exact", "rkc", "euler_adaptive", "euler_bound")
+# the error-controlled flows: (rtol, atol)
+ADAPTIVE_TOLERANCES = {"dopri5": (1e-4, 1e-6), "exact": (1e-6, 1e-8), "rkc": (1e-3, 1e-5)}
 PACKAGE_FORMS = ("lazy", "explicit")
 TAU_SEARCHES = ("full", "early_stop")
 
@@ -152,7 +153,10 @@ class NTKDFL(base.Algorithm):
         flow: how the cross-entropy flow is integrated (README: the flow argument).
             ``"dopri5"`` (default): adaptive Dormand-Prince 5(4) with rtol 1e-4, f at the grid
             points from its dense output (``kernels.dormand_prince_flow``). ``"exact"``: the
-            same to rtol 1e-6, as the reference integrates it. ``"euler_adaptive"``: forward
+            same to rtol 1e-6, as the reference integrates it. ``"rkc"``: Runge-Kutta-Chebyshev
+            steps to rtol 1e-3, whose stability interval grows with the square of their
+            stages (``kernels.rkc_flow``; fewer products with H than ``dopri5``, measured in
+            docs/performance.md). ``"euler_adaptive"``: forward
             Euler whose sub-steps follow the flow's own stiffness lambda_max((1/N) H S(f)),
             re-estimated every 25 grid steps (``kernels.adaptive_euler_flow``); if the flow
             loss ever rises, the slice is redone with the bound (the default before

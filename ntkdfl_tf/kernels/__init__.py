@@ -22,7 +22,8 @@ from ntkdfl_tf.kernels import losses
 from ntkdfl_tf.kernels.flow import (FlowSegments, adaptive_euler_flow, adaptive_euler_segments,
                                     as_operator, client_substeps, dormand_prince_flow,
                                     dormand_prince_segments, euler_flow, euler_segments,
-                                    euler_substeps, flow_stiffness, lambda_max, mse_closed_form)
+                                    euler_substeps, flow_stiffness, lambda_max, mse_closed_form,
+                                    rkc_flow, rkc_segments)
 
 KERNELS = {"dense": DenseNTK, "conv": ConvNTK, "explicit": ExplicitNTK,
            "matrix_free": MatrixFreeNTK}

@@ -291,13 +291,71 @@ def dormand_prince_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol
         tau. A client whose error turned non-finite or whose step vanished stops there, and a
         client the iteration limit cut off stops too: NaN in every R and f it did not reach.
     """
-    flow = dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss, rtol, atol,
-                                   max_steps_per_grid_step)
+    return _whole(dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss, rtol, atol,
+                                          max_steps_per_grid_step), taus)
+
+
+def rkc_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, atol=1e-5,
+             max_steps_per_grid_step=100):
+    """The flow to a tolerance with Runge-Kutta-Chebyshev steps (Sommeijer, Shampine & Verwer,
+    1998): second order, damped (epsilon = 2/13), with as many stages per step as the step's
+    stiffness asks (s with 0.65 s^2 >= dt * rho, rho a bound on the flow's stiffness), so its
+    stability interval grows with the square of its work. The flow's Jacobian -(1/N) H S(f)
+    has real non-positive eigenvalues (``flow_stiffness``), the case these methods are made for:
+    after the stiff transient, which the error control resolves with short steps, a step spans
+    tens of grid points for a few products with H each, where Dormand-Prince is held to
+    ~3.3 / mu. The error estimate is the method's own (ibid.), the dense output the cubic
+    Hermite interpolant through f and f' at both ends; everything else (per-client steps,
+    grid points, R_tau, arguments and returns) is as ``dormand_prince_flow``, but ``steps``
+    counts products with H per grid step (a step's cost varies with its stages).
+    """
+    return _whole(rkc_segments(h, f0, y, mask, n, eta, taus, loss, rtol, atol,
+                               max_steps_per_grid_step), taus)
+
+
+def _whole(flow, taus):
+    """A ``FlowSegments`` advanced to its last candidate, read at every candidate."""
     last = -1
     state = flow.advance(flow.start, last)
     count = taus.shape[0] if tf.is_tensor(taus) else len(taus)  # static: a handful
     rs, fs = zip(*(flow.read(state, t) for t in range(count)))
     return tf.stack(rs), tf.stack(fs), flow.steps(state, last), flow.check(state, last)
+
+
+class _Attempt(typing.NamedTuple):
+    """One attempted step of an adaptive integrator, every client at once.
+
+    Attributes:
+        f_new: the solution at the step's end. rate_new: f' there (the next step's first stage).
+        error: the local error estimate, shaped like f.
+        dense: ``(a, b, c, d)``: f(t + theta dt) = f + theta (d + theta (c + theta (b + theta
+            a))) for theta in [0, 1].
+        products: int32 scalar, the products with H the attempt took (the batch's).
+    """
+
+    f_new: tf.Tensor
+    rate_new: tf.Tensor
+    error: tf.Tensor
+    dense: tuple
+    products: tf.Tensor
+
+
+def _combine(weights, ks):
+    return tf.add_n([w * k for w, k in zip(weights, ks) if w])
+
+
+def _dormand_prince_attempt(rate, f, k1, dt, hs):
+    ks = [k1]
+    for row in _DP_A:
+        ks.append(rate(f + hs * _combine(row, ks)))
+    f_new = f + hs * _combine(_DP_B, ks)
+    k7 = rate(f_new)
+    ks.append(k7)
+    f_mid = f + hs * _combine(_DP_MID, ks)
+    quartic = (2 * hs * (k7 - k1) - 8 * (f_new + f) + 16 * f_mid,
+               hs * (5 * k1 - 3 * k7) + 18 * f + 14 * f_new - 32 * f_mid,
+               hs * (k7 - 4 * k1) - 11 * f - 5 * f_new + 16 * f_mid, hs * k1)
+    return _Attempt(f_new, k7, hs * _combine(_DP_E, ks), quartic, tf.constant(6))
 
 
 def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-6,
@@ -308,6 +366,98 @@ def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
     past it step on meanwhile, exactly as in the one-call flow, so each client's steps are the
     same whatever the candidate at which its batch stops.
     """
+    # the usual controller: safety 0.9, exponent 1/5, growth within [0.2, 5]
+    return _adaptive_segments(_dormand_prince_attempt, (0.9, 0.2, 0.2, 5.0), None, h, f0, y,
+                              mask, n, eta, taus, loss, rtol, atol, max_steps_per_grid_step)
+
+
+_RKC_DAMPING = 2 / 13
+_RKC_MAX_STAGES = 100
+
+
+def rkc_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, atol=1e-5,
+                 max_steps_per_grid_step=100):
+    """``rkc_flow`` as ``FlowSegments`` (same arguments)."""
+    dtype = f0.dtype
+    # the stiffness bound: softmax's Jacobian (and squared error's 1/C) is <= 1/2; power
+    # iteration slightly underestimates lambda_max, hence the 10% margin
+    rho = tf.cast(0.55 * lambda_max(h, 30, mask) / tf.maximum(n, 1.0), dtype)
+    rho = tf.maximum(rho, 1e-6)
+
+    def attempt(rate, f, k1, dt, hs):
+        stages = 1 + tf.cast(tf.floor(tf.sqrt(1.0 + 1.54 * dt * rho)), tf.int32)
+        stages = tf.clip_by_value(stages, 2, _RKC_MAX_STAGES)
+        w0 = 1.0 + _RKC_DAMPING / tf.square(tf.cast(stages, dtype))
+        most = tf.reduce_max(stages)
+
+        def chebyshev(j, c):  # (T, T', T'') at w0 for j - 1 and j - 2 -> for j and j - 1
+            t1, t2, d1, d2, e1, e2 = c
+            return (2 * w0 * t1 - t2, t1, 2 * t1 + 2 * w0 * d1 - d2, d1,
+                    4 * d1 + 2 * w0 * e1 - e2, e1)
+
+        ones, zeros = tf.ones_like(w0), tf.zeros_like(w0)
+        start = (w0, ones, ones, zeros, zeros, zeros)  # j - 1 = 1, j - 2 = 0
+
+        def freeze(j, new, old):  # each client stops at its own stage count
+            return tuple(tf.where(j <= stages, a, b) for a, b in zip(new, old))
+
+        _, end = tf.while_loop(lambda j, c: j <= most,
+                               lambda j, c: (j + 1, freeze(j, chebyshev(j, c), c)),
+                               (tf.constant(2), start))
+        w1 = end[2] / end[4]  # T_s'(w0) / T_s''(w0)
+        b2 = 1.0 / (4.0 * tf.square(w0))  # b_0 = b_1 = b_2 = T_2'' / T_2'^2
+        y1 = f + hs * _per_client(b2 * w1) * k1
+
+        def stage(j, y_1, y_2, c, b_1, b_2):
+            _, _, d, _, e, _ = chebyshev(j, c)
+            b = e / tf.square(d)
+            mu, nu = 2 * b * w0 / b_1, -b / b_2
+            mu_t = 2 * b * w1 / b_1
+            gamma_t = -(1 - b_1 * c[0]) * mu_t  # -a_{j-1} mu~_j, a_{j-1} = 1 - b_{j-1} T_{j-1}
+            y_j = (_per_client(1 - mu - nu) * f + _per_client(mu) * y_1 +
+                   _per_client(nu) * y_2 + hs * (_per_client(mu_t) * rate(y_1) +
+                                                 _per_client(gamma_t) * k1))
+            live = _per_client(j <= stages)
+            return (j + 1, tf.where(live, y_j, y_1), tf.where(live, y_1, y_2),
+                    freeze(j, chebyshev(j, c), c), tf.where(j <= stages, b, b_1),
+                    tf.where(j <= stages, b_1, b_2))
+
+        _, f_new, *_ = tf.while_loop(lambda j, *_: j <= most, stage,
+                                     (tf.constant(2), y1, f, start, b2, b2))
+        k_new = rate(f_new)
+        error = (12 * (f - f_new) + 6 * hs * (k1 + k_new)) / 15
+        hermite = (tf.zeros_like(f), 2 * (f - f_new) + hs * (k1 + k_new),
+                   3 * (f_new - f) - hs * (2 * k1 + k_new), hs * k1)
+        return _Attempt(f_new, k_new, error, hermite, most)
+
+    # the stage count's cap bounds the step: 0.65 s^2 must cover dt * rho
+    max_dt = ((_RKC_MAX_STAGES - 1) ** 2 - 1) / (1.54 * rho)
+    # the method's controller: safety 0.8, exponent 1/3, growth within [0.1, 10]
+    return _adaptive_segments(attempt, (0.8, 1 / 3, 0.1, 10.0), max_dt, h, f0, y, mask, n,
+                              eta, taus, loss, rtol, atol, max_steps_per_grid_step,
+                              count_products=True)
+
+
+def _per_client(x):  # [B] -> [B, 1, 1]
+    return x[:, None, None]
+
+
+def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus, loss, rtol,
+                       atol, max_steps_per_grid_step, count_products=False):
+    """The loop both adaptive integrators share, as ``FlowSegments``: per-client steps under
+    an error controller, the grid points each accepted step covers read from its dense output.
+
+    Args:
+        attempt: ``(rate, f, k1, dt [B], dt [B, 1, 1]) -> _Attempt``, one step of the method
+            (``rate``: f -> f', ``k1``: f' at f).
+        controller: ``(safety, exponent, shrink, grow)``: a step's factor is
+            ``safety * error ** -exponent`` within ``[shrink, grow]``.
+        max_dt: ``[B]`` longest step per client, or None.
+        count_products: ``steps`` counts products with H per grid step (for a method whose
+            steps differ in cost), not attempted steps.
+        The rest: as ``dormand_prince_flow``.
+    """
+    safety, exponent, shrink, grow = controller
     taus = tf.cast(tf.convert_to_tensor(taus), tf.int32)
     last = taus[-1]
     scale = (1.0 / n)[:, None, None]
@@ -318,35 +468,27 @@ def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
     layout = _Layout(h, f0, mask, losses.get(loss))
     f0, y, m, residual, apply = layout.into(f0), layout.into(y), layout.mask, layout.residual, \
         layout.apply
-    def combine(weights, ks):
-        return tf.add_n([w * k for w, k in zip(weights, ks) if w])
 
     def rate(f):
         return -scale * apply(residual(f, y) * m)
 
-    def per_client(x):  # [B] -> [B, 1, 1]
-        return x[:, None, None]
-
-    def step(it, s, t, dt, f, k1, acc, rs, fs, failed):
+    def step(it, s, t, dt, f, k1, acc, rs, fs, failed, products):
         active = (s <= last) & ~failed
         remaining = end - t
-        step_size = tf.where(active, tf.where(dt * 1.01 >= remaining, remaining, dt), 0.0)
-        hs = per_client(step_size)
-        ks = [k1]
-        for row in _DP_A:
-            ks.append(rate(f + hs * combine(row, ks)))
-        f_new = f + hs * combine(_DP_B, ks)
-        k7 = rate(f_new)
-        ks.append(k7)
-        err = hs * combine(_DP_E, ks)
+        step_size = dt if max_dt is None else tf.minimum(dt, max_dt)
+        step_size = tf.where(active, tf.where(step_size * 1.01 >= remaining, remaining,
+                                              step_size), 0.0)
+        hs = _per_client(step_size)
+        trial = attempt(rate, f, k1, step_size, hs)
+        f_new = trial.f_new
         tol = atol + rtol * tf.maximum(tf.abs(f), tf.abs(f_new))
-        norm = tf.sqrt(tf.reduce_sum(tf.square(err / tol) * m, [1, 2]) / count)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(trial.error / tol) * m, [1, 2]) / count)
         finite = tf.math.is_finite(norm) & tf.reduce_all(tf.math.is_finite(f_new), [1, 2])
         accept = active & finite & (norm <= 1.0)
-        # the usual controller: safety 0.9, exponent 1/5, growth within [0.2, 5]
-        factor = tf.clip_by_value(0.9 * tf.pow(tf.maximum(norm, 1e-10), -0.2), 0.2, 5.0)
+        factor = tf.clip_by_value(safety * tf.pow(tf.maximum(norm, 1e-10), -exponent), shrink,
+                                  grow)
         factor = tf.where(accept, factor, tf.minimum(factor, 1.0))
-        dt = tf.where(active, step_size * tf.where(finite, factor, 0.2), dt)
+        dt = tf.where(active, step_size * tf.where(finite, factor, shrink), dt)
         failed = failed | (active & (~finite | (dt < eta * 1e-9)))
 
         # the grid points in (t, t + step] (a point within 1e-4 eta past the end counts: the
@@ -354,23 +496,19 @@ def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
         t_new = t + step_size
         through = tf.cast(tf.floor(t_new / eta + 1e-4), tf.int32)
         through = tf.where(accept, tf.minimum(through, last), s - 1)
-        f_mid = f + hs * combine(_DP_MID, ks)
-        quartic = (2 * hs * (k7 - k1) - 8 * (f_new + f) + 16 * f_mid,
-                   hs * (5 * k1 - 3 * k7) + 18 * f + 14 * f_new - 32 * f_mid,
-                   hs * (k7 - 4 * k1) - 11 * f - 5 * f_new + 16 * f_mid, hs * k1)
 
         def grid_point(j, acc, rs, fs):
             point = s + j
             valid = point <= through
-            theta = per_client((tf.cast(point, dtype) * eta - t) /
-                               tf.where(step_size > 0, step_size, 1.0))
-            a, b, c, d = quartic
+            theta = _per_client((tf.cast(point, dtype) * eta - t) /
+                                tf.where(step_size > 0, step_size, 1.0))
+            a, b, c, d = trial.dense
             f_at = f + theta * (d + theta * (c + theta * (b + theta * a)))
             # R_point (the sum over s' < point) and f(point eta) are read, then r(f) is added
             hit = ((taus[:, None] == point[None]) & valid[None])[..., None, None]  # [T, B, 1, 1]
             rs = tf.where(hit, acc[None], rs)
             fs = tf.where(hit, f_at[None], fs)
-            acc = tf.where(per_client(valid), acc + residual(f_at, y) * m, acc)
+            acc = tf.where(_per_client(valid), acc + residual(f_at, y) * m, acc)
             return j + 1, acc, rs, fs
 
         points = tf.reduce_max(through - s + 1)
@@ -378,21 +516,21 @@ def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
                                        (tf.constant(0), acc, rs, fs))
         s = tf.where(accept, through + 1, s)
         t = tf.where(accept, t_new, t)
-        f = tf.where(per_client(accept), f_new, f)
-        k1 = tf.where(per_client(accept), k7, k1)
-        return it + 1, s, t, dt, f, k1, acc, rs, fs, failed
+        f = tf.where(_per_client(accept), f_new, f)
+        k1 = tf.where(_per_client(accept), trial.rate_new, k1)
+        return it + 1, s, t, dt, f, k1, acc, rs, fs, failed, products + trial.products
 
     batch = tf.shape(f0)[0]
     zeros = tf.zeros(tf.concat([[tf.shape(taus)[0]], tf.shape(f0)], 0), dtype)
     init = (tf.constant(0), tf.ones([batch], tf.int32), tf.zeros([batch], dtype),
             tf.fill([batch], eta / 4), f0, rate(f0), residual(f0, y) * m, zeros, zeros,
-            tf.zeros([batch], tf.bool))
+            tf.zeros([batch], tf.bool), tf.constant(1))  # the first rate
     limit = max_steps_per_grid_step * last
 
     def advance(state, t):
         target = taus[t]
         return tf.while_loop(
-            lambda it, s, *rest: (it < limit) & tf.reduce_any((s <= target) & ~rest[-1]), step,
+            lambda it, s, *rest: (it < limit) & tf.reduce_any((s <= target) & ~rest[7]), step,
             state)
 
     def read(state, t):  # NaN for a client that stopped before the candidate
@@ -404,7 +542,8 @@ def dormand_prince_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", 
 
     return FlowSegments(
         init, advance, read,
-        steps=lambda state, t: tf.cast(state[0], tf.float32) / tf.cast(taus[t], tf.float32),
+        steps=lambda state, t: (tf.cast(state[10 if count_products else 0], tf.float32) /
+                                tf.cast(taus[t], tf.float32)),
         check=lambda state, t: tf.reduce_all(state[1] > taus[t]))
 
 
