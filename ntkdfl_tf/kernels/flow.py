@@ -300,7 +300,7 @@ def dormand_prince_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol
 
 
 def rkc_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, atol=1e-5,
-             max_steps_per_grid_step=100):
+             max_steps_per_grid_step=100, rho=None):
     """The flow to a tolerance with Runge-Kutta-Chebyshev steps (Sommeijer, Shampine & Verwer,
     1998): second order, damped (epsilon = 2/13), with as many stages per step as the step's
     stiffness asks (s with 0.65 s^2 >= dt * rho, rho a bound on the flow's stiffness), so its
@@ -311,10 +311,15 @@ def rkc_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, atol
     ~3.3 / mu. The error estimate is the method's own (ibid.), the dense output the cubic
     Hermite interpolant through f and f' at both ends; everything else (per-client steps,
     grid points, R_tau, arguments and returns) is as ``dormand_prince_flow``, but ``steps``
-    counts products with H per grid step (a step's cost varies with its stages).
+    counts products with H per grid step (a step's cost varies with its stages). ``rho``:
+    ``[B]`` the stiffness each client's stage count is sized for; None: 1.5x the flow's
+    stiffness at f0 (``flow_stiffness``, 30 products with H). Along the flow predictions
+    mostly grow more confident and the stiffness falls; where it rises past ``rho`` the error
+    estimate sees the unstable step and shortens it. (The bound 0.55 lambda_max(H) / N, valid
+    for any f, took 1.1-1.5x the products for the same error: docs/performance.md.)
     """
     return _whole(rkc_segments(h, f0, y, mask, n, eta, taus, loss, rtol, atol,
-                               max_steps_per_grid_step), taus)
+                               max_steps_per_grid_step, rho), taus)
 
 
 def _whole(flow, taus):
@@ -380,13 +385,13 @@ _RKC_MAX_STAGES = 100
 
 
 def rkc_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, atol=1e-5,
-                 max_steps_per_grid_step=100):
+                 max_steps_per_grid_step=100, rho=None):
     """``rkc_flow`` as ``FlowSegments`` (same arguments)."""
     dtype = f0.dtype
-    # the stiffness bound: softmax's Jacobian (and squared error's 1/C) is <= 1/2; power
-    # iteration slightly underestimates lambda_max, hence the 10% margin
-    rho = tf.cast(0.55 * lambda_max(h, 30, mask) / tf.maximum(n, 1.0), dtype)
-    rho = tf.maximum(rho, 1e-6)
+    estimate = 0
+    if rho is None:
+        rho, estimate = 1.5 * flow_stiffness(h, f0, mask, n, loss)[0], 31  # power iterations
+    rho = tf.maximum(tf.cast(rho, dtype), 1e-6)
 
     def attempt(rate, f, k1, dt, hs):
         stages = 1 + tf.cast(tf.floor(tf.sqrt(1.0 + 1.54 * dt * rho)), tf.int32)
@@ -439,7 +444,7 @@ def rkc_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, 
     # the method's controller: safety 0.8, exponent 1/3, growth within [0.1, 10]
     return _adaptive_segments(attempt, (0.8, 1 / 3, 0.1, 10.0), max_dt, h, f0, y, mask, n,
                               eta, taus, loss, rtol, atol, max_steps_per_grid_step,
-                              count_products=True)
+                              count_products=True, products_before=estimate)
 
 
 def _per_client(x):  # [B] -> [B, 1, 1]
@@ -447,7 +452,7 @@ def _per_client(x):  # [B] -> [B, 1, 1]
 
 
 def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus, loss, rtol,
-                       atol, max_steps_per_grid_step, count_products=False):
+                       atol, max_steps_per_grid_step, count_products=False, products_before=0):
     """The loop both adaptive integrators share, as ``FlowSegments``: per-client steps under
     an error controller, the grid points each accepted step covers read from its dense output.
 
@@ -458,7 +463,8 @@ def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus
             ``safety * error ** -exponent`` within ``[shrink, grow]``.
         max_dt: ``[B]`` longest step per client, or None.
         count_products: ``steps`` counts products with H per grid step (for a method whose
-            steps differ in cost), not attempted steps.
+            steps differ in cost), not attempted steps; ``products_before`` of them were taken
+            before the loop.
         The rest: as ``dormand_prince_flow``.
     """
     safety, exponent, shrink, grow = controller
@@ -528,7 +534,7 @@ def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus
     zeros = tf.zeros(tf.concat([[tf.shape(taus)[0]], tf.shape(f0)], 0), dtype)
     init = (tf.constant(0), tf.ones([batch], tf.int32), tf.zeros([batch], dtype),
             tf.fill([batch], eta / 4), f0, rate(f0), residual(f0, y) * m, zeros, zeros,
-            tf.zeros([batch], tf.bool), tf.constant(1))  # the first rate
+            tf.zeros([batch], tf.bool), tf.constant(1 + products_before))  # and the first rate
     limit = max_steps_per_grid_step * last
 
     def advance(state, t):
