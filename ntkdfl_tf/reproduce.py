@@ -12,8 +12,9 @@ m = 6, XLA-compiled groups of 5 clients, the default flow), trained until the ag
   and DFedAvg;
 - ``ablations``: a static ring against the redrawn graph (NTK-DFL and DFedAvg), and NTK-DFL
   without per-round averaging, at alpha = 0.1;
-- ``flows``: NTK-DFL (tau grid) at alpha = 0.1, seed 0, with the exact flow and with the
-  earlier default, adaptive Euler (the default flow, dopri5, is ``a0.1_s0``'s run);
+- ``flows``: NTK-DFL (tau grid) at alpha = 0.1, seed 0, with the exact flow, the earlier
+  default (adaptive Euler) and Runge-Kutta-Chebyshev (the default flow, dopri5, is
+  ``a0.1_s0``'s run);
 - ``unbatched``: the same without Jacobian batching (m = 1, one kernel over each whole
   neighbourhood, as the reference's ``main.py`` runs it), to tell how much of the difference
   from the paper's rounds the batching makes.
@@ -57,7 +58,8 @@ ALGORITHMS = (("ntk_dfl_grid", "ntk_dfl", {}),
               ("dpsgd", "dpsgd", {}), ("dispfl", "dispfl", {}), ("dfedsam", "dfedsam", {}))
 # The flow part's and the unbatched part's variants of the tau-grid run.
 FLOWS = (("ntk_dfl_grid_exact", "ntk_dfl", {"flow": "exact"}),
-         ("ntk_dfl_grid_euler", "ntk_dfl", {"flow": "euler_adaptive"}))
+         ("ntk_dfl_grid_euler", "ntk_dfl", {"flow": "euler_adaptive"}),
+         ("ntk_dfl_grid_rkc", "ntk_dfl", {"flow": "rkc"}))
 UNBATCHED = (("ntk_dfl_grid_m1", "ntk_dfl", {"jacobian_batches": 1}),)
 VARIANTS = FLOWS + UNBATCHED
 LABELS = tuple(label for label, _, _ in ALGORITHMS + VARIANTS)
@@ -65,8 +67,8 @@ PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations", "
          "unbatched")
 QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
 QUICK_LEAVES_OUT = ("DFedAvgM, D-PSGD, DisPFL and DFedSAM; seeds 1 and 2; alpha = 0.5 and IID; "
-                    "kappa 2 and 10; the ring and no-averaging ablations; the exact and Euler "
-                    "flows; NTK-DFL without Jacobian batching")
+                    "kappa 2 and 10; the ring and no-averaging ablations; the exact, Euler and "
+                    "RKC flows; NTK-DFL without Jacobian batching")
 
 # The paper's rounds to 85% (Fashion-MNIST, 300 clients, kappa = 5); None: not reported.
 # ">200" is DisPFL's entry at alpha = 0.1.

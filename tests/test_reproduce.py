@@ -20,9 +20,10 @@ def test_plan_covers_the_issue_table(tmp_path):
     names = [r.name for r in todo]
     assert len(names) == len(set(names))  # every run has a folder of its own
     # 3 seeds at alpha 0.1 + alpha 0.5 + IID, each with all 7 variants; kappa 2 and 10 for two
-    # algorithms; ring for two, no averaging for one; two more flows; one unbatched.
-    assert len(todo) == 5 * 7 + 2 * 2 + 3 + 2 + 1
-    assert {r.config.flow for r in todo if r.part == "flows"} == {"exact", "euler_adaptive"}
+    # algorithms; ring for two, no averaging for one; three more flows; one unbatched.
+    assert len(todo) == 5 * 7 + 2 * 2 + 3 + 3 + 1
+    assert {r.config.flow for r in todo if r.part == "flows"} == {"exact", "euler_adaptive",
+                                                                   "rkc"}
     assert {r.config.jacobian_batches for r in todo if r.config.algorithm == "ntk_dfl"} == {6, 1}
     assert [(r.name, r.config.jacobian_batches) for r in todo if r.part == "unbatched"] == \
         [("ntk_dfl_grid_m1_a0.1_k5_s0", 1)]
