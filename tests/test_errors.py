@@ -72,7 +72,7 @@ def test_input_shape_does_not_match_model():
     (dict(jacobian_chunk=0), "jacobian_chunk"),
     (dict(flow_budget=0), r"flow_budget must be a positive integer \(.*\) or None.*, got 0"),
     (dict(flow_budget=2.5), "flow_budget must be a positive integer"),
-    (dict(flow="x"), "Unknown flow 'x'; choose one of dopri5, exact, euler_adaptive, "
+    (dict(flow="x"), "Unknown flow 'x'; choose one of dopri5, exact, rkc, euler_adaptive, "
                      "euler_bound"),
     (dict(tau_search="greedy"), "Unknown tau_search 'greedy'; choose one of full, early_stop"),
 ])
