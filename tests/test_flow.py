@@ -352,6 +352,20 @@ def _reference_flow(h, f0, y, mask, n, eta, taus):
     return r_ref, f_ref
 
 
+def _stiff_problem():
+    """A kernel from explicit Jacobians ``[B, N, C, p]`` with a dominant, nearly shared
+    direction, as in an NTK, at eta lambda_max(H/N) ~ 4: ``(jac, h, f0, y, mask, n, eta, taus)``
+    and the float64 reference ``(r_ref, f_ref)``."""
+    rng = np.random.default_rng(5)
+    _, f0, y, mask, n = _problem(scale=1.0, seed=5)
+    p = 40
+    jac = rng.standard_normal((B, N, C, p)) * mask[:, :, None, None]
+    jac[..., 0] += 3.0 * mask[..., None]
+    h = np.einsum("bncp,bmcp->bnm", jac, jac) / C
+    eta, taus = 0.3, (5, 20, 60)
+    return (jac, h, f0, y, mask, n, eta, taus), _reference_flow(h, f0, y, mask, n, eta, taus)
+
+
 @pytest.mark.parametrize("classes_first", [True, False])
 def test_exact_flow_update_matches_float64_reference(classes_first, monkeypatch):
     """flow="exact": the update sum_c J_c^T R_tau,c (J explicit, H = (1/C) sum_c J_c J_c^T) and
@@ -360,16 +374,9 @@ def test_exact_flow_update_matches_float64_reference(classes_first, monkeypatch)
     of the loop's layouts (small slices run classes first)."""
     monkeypatch.setattr(kernels.flow, "CLASSES_FIRST_MAX_N", N if classes_first else N - 1)
     dopri = tf.function(kernels.dormand_prince_flow)  # traced under this layout
-    rng = np.random.default_rng(5)
-    _, f0, y, mask, n = _problem(scale=1.0, seed=5)
-    p = 40
-    jac = rng.standard_normal((B, N, C, p)) * mask[:, :, None, None]
-    jac[..., 0] += 3.0 * mask[..., None]  # a dominant, nearly shared direction, as in an NTK
-    h = np.einsum("bncp,bmcp->bnm", jac, jac) / C
-    eta, taus = 0.3, (5, 20, 60)
+    (jac, h, f0, y, mask, n, eta, taus), (r_ref, f_ref) = _stiff_problem()
     lam = np.linalg.eigvalsh(h).max(-1) / n
     assert 3 < eta * lam.max() < 6
-    r_ref, f_ref = _reference_flow(h, f0, y, mask, n, eta, taus)
     r, f, steps, finished = dopri(*_tf(h.astype(np.float32), f0, y, mask, n),
                                   tf.constant(eta), taus, **EXACT_TOL)
     assert bool(finished)
@@ -390,14 +397,7 @@ def test_rkc_flow_update_matches_float64_reference(tolerances, bound):
     """flow="rkc" in the stiff regime of the exact flow's test: the update sum_c J_c^T R_tau,c
     converges to the float64 DOP853 solution as its tolerance tightens (within 1e-3 at rtol
     1e-5), and its default tolerance stays within 1%."""
-    rng = np.random.default_rng(5)
-    _, f0, y, mask, n = _problem(scale=1.0, seed=5)
-    p = 40
-    jac = rng.standard_normal((B, N, C, p)) * mask[:, :, None, None]
-    jac[..., 0] += 3.0 * mask[..., None]
-    h = np.einsum("bncp,bmcp->bnm", jac, jac) / C
-    eta, taus = 0.3, (5, 20, 60)
-    r_ref, f_ref = _reference_flow(h, f0, y, mask, n, eta, taus)
+    (jac, h, f0, y, mask, n, eta, taus), (r_ref, f_ref) = _stiff_problem()
     args = (*_tf(h.astype(np.float32), f0, y, mask, n), tf.constant(eta), taus)
     r, f, _, finished = RKC(*args, **tolerances)
     assert bool(finished)
