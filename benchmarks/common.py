@@ -21,7 +21,7 @@ def define_setting_flags(clients):
     flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
     flags.DEFINE_integer("client_batch", 5, "NTK-DFL clients per TensorFlow call (the presets' 5).")
     flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
-    flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, "
+    flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, rkc, "
                         "euler_adaptive or euler_bound.")
     flags.DEFINE_list("taus", None, "NTK-DFL candidate evolution times in grid steps (default: "
                       "NTK-DFL.md's 100,...,800).")

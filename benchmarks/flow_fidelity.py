@@ -13,7 +13,8 @@ The reference is ``flow="exact"`` (Dormand-Prince 5(4), rtol 1e-6). For every ``
 value it prints one JSON line: eta * lambda_max(H/N) (median and max over the neighbourhoods),
 the relative error ||Delta w - Delta w_exact|| / ||Delta w_exact|| (per neighbourhood the worst
 tau; median and max over neighbourhoods), integrator steps and products with H per grid step
-(Euler 1 per step, Dormand-Prince 6 per attempted step; power iterations not counted), and flow
+(Euler 1 per step, Dormand-Prince 6 per attempted step, rkc its own count, its stiffness
+estimate included; the Euler flows' power iterations not counted), and flow
 seconds per neighbourhood (the faster of two calls for all of them, traced beforehand, divided by
 their number; the flow alone, as NTKDFL runs it without XLA unless ``--jit_compile``).
 """

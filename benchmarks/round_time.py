@@ -38,8 +38,8 @@ flags.DEFINE_list("client_batch", ["5"], "NTK-DFL clients per TensorFlow call (5
                   "several values are timed one after another, each against the same baseline "
                   "rounds.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
-flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, euler_adaptive "
-                    "or euler_bound.")
+flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, rkc, "
+                    "euler_adaptive or euler_bound.")
 flags.DEFINE_list("taus", None, "NTK-DFL candidate grid (default: NTK-DFL.md's); a shorter grid "
                   "shortens the flow, which shows the flow's share of the round.")
 flags.DEFINE_list("tau_search", ["full"], "NTK-DFL tau search(es): full, early_stop; several "

@@ -205,10 +205,13 @@ class DecentralizedTrainer:
                 every round. At 300 clients the per-client pass costs several times a cheap
                 algorithm's round.
             stop_at_accuracy: stop after the first round whose aggregate reaches this test
-                accuracy (needs ``validation_data``); None: run every round.
+                accuracy (needs ``validation_data``); None: run every round. A callback that
+                stops the fit (``keras.callbacks.EarlyStopping``) decides after the round's
+                evaluation, so its last round has client metrics only if they were due.
 
         Returns:
-            A ``keras.callbacks.History`` with one entry per round.
+            A ``keras.callbacks.History`` with one entry per round (the per-client metrics:
+            one per round they were evaluated in, ``client_metrics_every``).
         """
         if not isinstance(rounds, (int, np.integer)) or rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {rounds!r}.")

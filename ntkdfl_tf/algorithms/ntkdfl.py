@@ -86,8 +86,10 @@ class EvolveResult(typing.NamedTuple):
         weights: NumPy ``[B, *shape]`` per variable.
         loss: the chosen candidates' real loss on the neighbourhood data (mean over slices).
         tau: the chosen tau (mean over slices).
-        substeps: integrator steps per grid step of each slice's flow: Euler sub-steps, or
-            attempted Dormand-Prince steps (six products with H each); 0 for the closed form.
+        substeps: integrator steps per grid step of each slice's flow: Euler sub-steps,
+            attempted Dormand-Prince steps (six products with H each), or for ``rkc`` products
+            with H (its steps differ in cost; its stiffness estimate included); 0 for the
+            closed form.
             Per grid step integrated: with ``tau_search="early_stop"`` up to the last candidate
             the call evaluated.
         flow_loss: the loss the linearised flow predicted at the chosen tau.
@@ -136,9 +138,10 @@ class NTKDFL(base.Algorithm):
         per_round_averaging: False for the ablation without neighbour averaging.
         client_batch: clients evolved together in one TensorFlow call (1 by default; with
             ``jacobian_batches`` > 1 and ``jit_compile``, batches of 5 were fastest on CPU with
-            ``dopri5``, 30-60 with the Euler flows: docs/performance.md). With an Euler ``flow`` a batch shares one step size, the
-            finest any of its clients needs; with Dormand-Prince every client keeps its own and
-            the call lasts as long as its slowest. Batches are contiguous runs of client
+            ``dopri5``, 30-60 with the Euler flows: docs/performance.md). With an Euler
+            ``flow`` a batch shares one step size, the finest any of its clients needs; with the
+            error-controlled flows (``dopri5``, ``exact``, ``rkc``) every client keeps its own
+            and the call lasts as long as its slowest. Batches are contiguous runs of client
             indices, the same every round (a remote executor keeps each run's data on one
             actor). Each batch is one step of the trainer's progress bar.
         jacobian_chunk: samples per Jacobian chunk for ``kernel="explicit"`` and explicit

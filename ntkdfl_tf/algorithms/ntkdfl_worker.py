@@ -30,7 +30,7 @@ class SliceResult(typing.NamedTuple):
     substeps: tf.Tensor
     flow_loss: tf.Tensor
     monotone: tf.Tensor  # euler_adaptive: every flow loss finite and non-increasing (else: redo
-    # with the bound); Dormand-Prince: every client reached the last tau (integrated to)
+    # with the bound); error-controlled flows: every client reached the last tau (integrated to)
     bound: tf.Tensor  # [B] Euler sub-steps per grid step the kernel asks (kernels.client_substeps)
     over_budget: tf.Tensor  # [B] bool: ``bound`` above ``flow_budget``: the weights were kept
     evaluated: tf.Tensor  # int32: candidates the call integrated to and evaluated

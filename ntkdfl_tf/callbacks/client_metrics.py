@@ -7,7 +7,8 @@ import tensorflow as tf
 
 
 class ClientMetrics(keras.callbacks.Callback):
-    """Writes the distribution of client test accuracies each round (needs validation_data).
+    """Writes the distribution of client test accuracies each round they are evaluated in
+    (needs validation_data; ``fit``'s ``client_metrics_every``).
 
     Args:
         log_dir: TensorBoard folder; events go to ``<log_dir>/clients``.

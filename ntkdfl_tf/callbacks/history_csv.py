@@ -9,7 +9,9 @@ from ntkdfl_tf.io import atomic_open
 
 
 def read_history(path):
-    """A ``HistoryCSV`` file as ``{log key: [value per round]}`` (what ``History`` holds)."""
+    """A ``HistoryCSV`` file as ``{log key: [value per round]}`` (what ``History`` holds; a key
+    logged only in some rounds, such as the per-client metrics with ``client_metrics_every``,
+    lists the rounds it has)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return {k: [float(r[k]) for r in rows if r.get(k, "") != ""]

@@ -40,7 +40,8 @@ _HELP = {
                       "neighbourhood's samples to compute each Jacobian once).",
     "jit_compile": "NTK-DFL: compile the per-client evolution with XLA.",
     "flow": "NTK-DFL cross-entropy flow integrator: dopri5 (Dormand-Prince, rtol 1e-4), exact "
-            "(the same, rtol 1e-6), euler_adaptive (Euler steps from the flow's stiffness, "
+            "(the same, rtol 1e-6), rkc (Runge-Kutta-Chebyshev, rtol 1e-3: fewer products with "
+            "H on long, stiff flows), euler_adaptive (Euler steps from the flow's stiffness, "
             "redone with the bound if the flow loss rises) or euler_bound (lambda_max(H/N)/2).",
     "flow_budget": "NTK-DFL compute bound: a slice whose kernel asks more Euler sub-steps per "
                    "grid step than this (eta lambda_max(H/N)/2, e.g. a Byzantine-inflated "
@@ -80,9 +81,10 @@ _HELP = {
     "run_name": "Model file name (default: the logdir's last part).",
     "verbose": "0 silent, 1 progress bar, 2 one line per round.",
     "stop_at_accuracy": "Stop once the aggregated model reaches this test accuracy (0: never).",
-    "client_metrics_every": "Rounds between evaluations of every client model (the aggregate "
-                            "is evaluated every round; also on the last round and the one that "
-                            "reaches --stop_at_accuracy).",
+    "client_metrics_every": "Rounds between evaluations of every client model and the "
+                            "honest-client metrics (the aggregate is evaluated every round; "
+                            "also on the last round and the one that reaches "
+                            "--stop_at_accuracy).",
 }
 
 

@@ -313,7 +313,7 @@ def rkc_flow(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, atol
     grid points, R_tau, arguments and returns) is as ``dormand_prince_flow``, but ``steps``
     counts products with H per grid step (a step's cost varies with its stages). ``rho``:
     ``[B]`` the stiffness each client's stage count is sized for; None: 1.5x the flow's
-    stiffness at f0 (``flow_stiffness``, 30 products with H). Along the flow predictions
+    stiffness at f0 (``flow_stiffness``, 31 products with H). Along the flow predictions
     mostly grow more confident and the stiffness falls; where it rises past ``rho`` the error
     estimate sees the unstable step and shortens it. (The bound 0.55 lambda_max(H) / N, valid
     for any f, took 1.1-1.5x the products for the same error: docs/performance.md.)
@@ -418,8 +418,8 @@ def rkc_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, 
         y1 = f + hs * _per_client(b2 * w1) * k1
 
         def stage(j, y_1, y_2, c, b_1, b_2):
-            _, _, d, _, e, _ = chebyshev(j, c)
-            b = e / tf.square(d)
+            values = chebyshev(j, c)
+            b = values[4] / tf.square(values[2])  # T_j'' / T_j'^2
             mu, nu = 2 * b * w0 / b_1, -b / b_2
             mu_t = 2 * b * w1 / b_1
             gamma_t = -(1 - b_1 * c[0]) * mu_t  # -a_{j-1} mu~_j, a_{j-1} = 1 - b_{j-1} T_{j-1}
@@ -428,7 +428,7 @@ def rkc_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, 
                                                  _per_client(gamma_t) * k1))
             live = _per_client(j <= stages)
             return (j + 1, tf.where(live, y_j, y_1), tf.where(live, y_1, y_2),
-                    freeze(j, chebyshev(j, c), c), tf.where(j <= stages, b, b_1),
+                    freeze(j, values, c), tf.where(j <= stages, b, b_1),
                     tf.where(j <= stages, b_1, b_2))
 
         _, f_new, *_ = tf.while_loop(lambda j, *_: j <= most, stage,
