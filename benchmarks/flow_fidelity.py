@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import app, flags
 
 import ntkdfl_tf as nd
-from ntkdfl_tf.algorithms.ntkdfl import ADAPTIVE_TOLERANCES, FLOWS
+from ntkdfl_tf.algorithms.ntkdfl import ADAPTIVE_FLOWS, FLOWS
 from ntkdfl_tf.functional import ModelFunctions
 from ntkdfl_tf.kernels import flow as flow_lib
 
@@ -46,9 +46,6 @@ flags.DEFINE_list("products", ["float32"], "Precision of the products with H (fl
                   "exact flow, always takes float32 products.")
 flags.DEFINE_integer("seed", 0, "Seed of the split, the neighbourhoods and the weights.")
 FLAGS = flags.FLAGS
-# products with H per step the flow's ``steps`` counts: Dormand-Prince six per attempted step;
-# Euler one per sub-step; rkc counts products itself
-PRODUCTS_PER_STEP = {"dopri5": 6, "exact": 6}
 
 
 def neighbourhoods(rng):
@@ -88,10 +85,10 @@ def make_flow(flow, taus, products="float32"):
 
             def h(v):
                 return tf.cast(tf.matmul(low, tf.cast(v, products)), tf.float32)
-        if flow in ADAPTIVE_TOLERANCES:
-            rtol, atol = ADAPTIVE_TOLERANCES[flow]
-            run = flow_lib.rkc_flow if flow == "rkc" else flow_lib.dormand_prince_flow
-            r, _, steps, _ = run(h, f0, y, mask, n, eta, taus, rtol=rtol, atol=atol)
+        if flow in ADAPTIVE_FLOWS:
+            spec = ADAPTIVE_FLOWS[flow]
+            r, _, steps, _ = spec.whole(h, f0, y, mask, n, eta, taus, rtol=spec.rtol,
+                                        atol=spec.atol)
         elif flow == "euler_bound":
             steps = flow_lib.euler_substeps(h, n, eta, mask=mask)
             r, _ = flow_lib.euler_flow(h, f0, y, mask, n, eta, tf.constant(taus), steps,
@@ -159,7 +156,8 @@ def main(argv):
                     "dw_error_max": float(f"{np.max(err):.2g}"),
                     "steps_per_grid_step": round(float(steps), 2),
                     "products_per_grid_step": round(
-                        float(steps) * PRODUCTS_PER_STEP.get(flow, 1), 1),
+                        float(steps) * (ADAPTIVE_FLOWS[flow].products_per_step
+                                        if flow in ADAPTIVE_FLOWS else 1), 1),
                     "flow_seconds": round(min(seconds), 2), "N_median": int(np.median(n))}),
                       flush=True)
         del tape

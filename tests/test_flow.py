@@ -9,7 +9,7 @@ import ntkdfl_tf as nd
 from ntkdfl_tf import kernels
 from ntkdfl_tf.algorithms import NTKDFL
 from ntkdfl_tf.algorithms.base import ClientTensors
-from ntkdfl_tf.algorithms.ntkdfl import ADAPTIVE_TOLERANCES
+from ntkdfl_tf.algorithms.ntkdfl import ADAPTIVE_FLOWS
 from ntkdfl_tf.functional import ModelFunctions
 from ntkdfl_tf.kernels import flow as flow_module
 
@@ -328,9 +328,9 @@ def test_flow_stiffness_reseeds_a_dead_warm_start():
 
 DOPRI = tf.function(kernels.dormand_prince_flow)
 RKC = tf.function(kernels.rkc_flow)
-EXACT_TOL = dict(zip(("rtol", "atol"), ADAPTIVE_TOLERANCES["exact"]))
-DEFAULT_TOL = dict(zip(("rtol", "atol"), ADAPTIVE_TOLERANCES[NTKDFL().flow]))
-RKC_TOL = dict(zip(("rtol", "atol"), ADAPTIVE_TOLERANCES["rkc"]))
+EXACT_TOL, DEFAULT_TOL, RKC_TOL = (
+    dict(rtol=ADAPTIVE_FLOWS[name].rtol, atol=ADAPTIVE_FLOWS[name].atol)
+    for name in ("exact", NTKDFL().flow, "rkc"))
 
 
 def _reference_flow(h, f0, y, mask, n, eta, taus):

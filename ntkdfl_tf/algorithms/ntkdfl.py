@@ -21,8 +21,24 @@ from ntkdfl_tf.algorithms import base
 from ntkdfl_tf.errors import DivergenceError
 
 FLOWS = ("dopri5", "exact", "rkc", "euler_adaptive", "euler_bound")
-# the error-controlled flows: (rtol, atol)
-ADAPTIVE_TOLERANCES = {"dopri5": (1e-4, 1e-6), "exact": (1e-6, 1e-8), "rkc": (1e-3, 1e-5)}
+
+
+class AdaptiveFlow(typing.NamedTuple):
+    """An error-controlled ``flow``: its integrator (the one-call flow and its segments), its
+    tolerances, and the products with H per step its ``steps`` counts."""
+
+    whole: typing.Callable
+    segments: typing.Callable
+    rtol: float
+    atol: float
+    products_per_step: int
+
+
+_DOPRI = (kernels.dormand_prince_flow, kernels.dormand_prince_segments)
+ADAPTIVE_FLOWS = {"dopri5": AdaptiveFlow(*_DOPRI, 1e-4, 1e-6, 6),
+                  "exact": AdaptiveFlow(*_DOPRI, 1e-6, 1e-8, 6),
+                  # rkc's steps count products with H themselves
+                  "rkc": AdaptiveFlow(kernels.rkc_flow, kernels.rkc_segments, 1e-3, 1e-5, 1)}
 PACKAGE_FORMS = ("lazy", "explicit")
 TAU_SEARCHES = ("full", "early_stop")
 

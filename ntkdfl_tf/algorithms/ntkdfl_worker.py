@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from ntkdfl_tf import kernels, protocol
 from ntkdfl_tf.algorithms import base, package_screen
-from ntkdfl_tf.algorithms.ntkdfl import ADAPTIVE_TOLERANCES, EvolveResult
+from ntkdfl_tf.algorithms.ntkdfl import ADAPTIVE_FLOWS, EvolveResult
 
 # Largest size of the Jacobian packages one worker call stacks per slice (explicit packages:
 # B receivers x their neighbourhood's rows x C x P floats). A call whose members' packages
@@ -396,14 +396,10 @@ class NTKDFLWorker(base.Worker):
                 tf.constant(0), lambda state, t: state,
                 lambda state, t: (tf.gather(r_sums, t), tf.gather(f_taus, t)),
                 lambda state, t: tf.constant(0.0), lambda state, t: tf.constant(True))
-        if algorithm.flow in ADAPTIVE_TOLERANCES:
-            rtol, atol = ADAPTIVE_TOLERANCES[algorithm.flow]
-            if algorithm.flow == "rkc":
-                run = kernels.rkc_segments if segments else kernels.rkc_flow
-            else:
-                run = (kernels.dormand_prince_segments if segments else
-                       kernels.dormand_prince_flow)
-            return run(h, f0, labels, mask, n, eta, taus, loss, rtol=rtol, atol=atol)
+        if algorithm.flow in ADAPTIVE_FLOWS:
+            spec = ADAPTIVE_FLOWS[algorithm.flow]
+            run = spec.segments if segments else spec.whole
+            return run(h, f0, labels, mask, n, eta, taus, loss, rtol=spec.rtol, atol=spec.atol)
         if algorithm.flow == "euler_bound":
             steps = kernels.euler_substeps(h, n, eta, mask=mask)
             if segments:

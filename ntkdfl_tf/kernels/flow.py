@@ -212,19 +212,19 @@ CLASSES_FIRST_MAX_N = 512
 
 
 def runs_classes_first(n_max):
-    """Whether the Dormand-Prince loop lays out ``n_max`` samples per client classes first."""
+    """Whether the adaptive flows' loop lays out ``n_max`` samples per client classes first."""
     return n_max is not None and n_max <= CLASSES_FIRST_MAX_N
 
 
 class _Layout:
-    """How the Dormand-Prince loop lays out logits: ``[B, N, C]`` or classes first, ``[B, C, N]``.
+    """How the adaptive flows' loop lays out logits: ``[B, N, C]`` or classes first, ``[B, C, N]``.
 
     Classes first, the softmax's max and sum run across rows of N contiguous samples, which
     XLA's CPU code vectorises (over a last axis of a few classes it does not, and the flow
     evaluates the residual at every grid point and stage, ~1,900 times a call), and for small
-    N XLA multiplies v H (H is
-    symmetric) faster than H v. For large N, H v is the faster product, so larger slices keep
-    ``[B, N, C]`` (the measurements: docs/performance.md, "The flow, classes first").
+    N XLA multiplies v H (H is symmetric) faster than H v. For large N, H v is the faster
+    product, so larger slices keep ``[B, N, C]`` (the measurements: docs/performance.md, "The
+    flow, classes first").
     """
 
     def __init__(self, h, f0, mask, loss):
@@ -338,7 +338,7 @@ class _Attempt(typing.NamedTuple):
         f_new: the solution at the step's end. rate_new: f' there (the next step's first stage).
         error: the local error estimate, shaped like f.
         dense: ``(a, b, c, d)``: f(t + theta dt) = f + theta (d + theta (c + theta (b + theta
-            a))) for theta in [0, 1].
+            a))) for theta in [0, 1]; ``a`` None for a cubic.
         products: int32 scalar, the products with H the attempt took (the batch's).
     """
 
@@ -435,7 +435,7 @@ def rkc_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, 
                                      (tf.constant(2), y1, f, start, b2, b2))
         k_new = rate(f_new)
         error = (12 * (f - f_new) + 6 * hs * (k1 + k_new)) / 15
-        hermite = (tf.zeros_like(f), 2 * (f - f_new) + hs * (k1 + k_new),
+        hermite = (None, 2 * (f - f_new) + hs * (k1 + k_new),
                    3 * (f_new - f) - hs * (2 * k1 + k_new), hs * k1)
         return _Attempt(f_new, k_new, error, hermite, most)
 
@@ -449,6 +449,25 @@ def rkc_segments(h, f0, y, mask, n, eta, taus, loss="cross_entropy", rtol=1e-3, 
 
 def _per_client(x):  # [B] -> [B, 1, 1]
     return x[:, None, None]
+
+
+class _LoopState(typing.NamedTuple):
+    """The adaptive loop's state: attempts so far, per client the next grid point ``s``, time
+    ``t``, step ``dt``, solution ``f`` and its rate ``k1``, the residual sum ``acc`` so far, the
+    records ``rs``/``fs`` ``[T, ...]`` of R_tau and f(tau eta), ``failed``, and the products
+    with H so far."""
+
+    attempts: tf.Tensor
+    s: tf.Tensor
+    t: tf.Tensor
+    dt: tf.Tensor
+    f: tf.Tensor
+    k1: tf.Tensor
+    acc: tf.Tensor
+    rs: tf.Tensor
+    fs: tf.Tensor
+    failed: tf.Tensor
+    products: tf.Tensor
 
 
 def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus, loss, rtol,
@@ -482,7 +501,8 @@ def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus
     def rate(f):
         return -scale * apply(residual(f, y) * m)
 
-    def step(it, s, t, dt, f, k1, acc, rs, fs, failed, products):
+    def step(state):
+        it, s, t, dt, f, k1, acc, rs, fs, failed, products = state
         active = (s <= last) & ~failed
         remaining = end - t
         step_size = dt if max_dt is None else tf.minimum(dt, max_dt)
@@ -513,7 +533,8 @@ def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus
             theta = _per_client((tf.cast(point, dtype) * eta - t) /
                                 tf.where(step_size > 0, step_size, 1.0))
             a, b, c, d = trial.dense
-            f_at = f + theta * (d + theta * (c + theta * (b + theta * a)))
+            top = b if a is None else b + theta * a  # a cubic skips the quartic term
+            f_at = f + theta * (d + theta * (c + theta * top))
             # R_point (the sum over s' < point) and f(point eta) are read, then r(f) is added
             hit = ((taus[:, None] == point[None]) & valid[None])[..., None, None]  # [T, B, 1, 1]
             rs = tf.where(hit, acc[None], rs)
@@ -528,23 +549,25 @@ def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus
         t = tf.where(accept, t_new, t)
         f = tf.where(_per_client(accept), f_new, f)
         k1 = tf.where(_per_client(accept), trial.rate_new, k1)
-        return it + 1, s, t, dt, f, k1, acc, rs, fs, failed, products + trial.products
+        return _LoopState(it + 1, s, t, dt, f, k1, acc, rs, fs, failed,
+                          products + trial.products)
 
     batch = tf.shape(f0)[0]
     zeros = tf.zeros(tf.concat([[tf.shape(taus)[0]], tf.shape(f0)], 0), dtype)
-    init = (tf.constant(0), tf.ones([batch], tf.int32), tf.zeros([batch], dtype),
-            tf.fill([batch], eta / 4), f0, rate(f0), residual(f0, y) * m, zeros, zeros,
-            tf.zeros([batch], tf.bool), tf.constant(1 + products_before))  # and the first rate
+    init = _LoopState(tf.constant(0), tf.ones([batch], tf.int32), tf.zeros([batch], dtype),
+                      tf.fill([batch], eta / 4), f0, rate(f0), residual(f0, y) * m, zeros,
+                      zeros, tf.zeros([batch], tf.bool),
+                      tf.constant(1 + products_before))  # and the first rate
     limit = max_steps_per_grid_step * last
 
     def advance(state, t):
         target = taus[t]
         return tf.while_loop(
-            lambda it, s, *rest: (it < limit) & tf.reduce_any((s <= target) & ~rest[7]), step,
-            state)
+            lambda st: (st.attempts < limit) & tf.reduce_any((st.s <= target) & ~st.failed),
+            lambda st: (step(st),), (state,))[0]
 
     def read(state, t):  # NaN for a client that stopped before the candidate
-        s, rs, fs = state[1], state[7], state[8]
+        s, rs, fs = state.s, state.rs, state.fs
         missed = (taus[t] >= s)[:, None, None]
         nan = tf.constant(float("nan"), dtype)
         return (layout.out_of(tf.where(missed, nan, tf.gather(rs, t))),
@@ -552,9 +575,10 @@ def _adaptive_segments(attempt, controller, max_dt, h, f0, y, mask, n, eta, taus
 
     return FlowSegments(
         init, advance, read,
-        steps=lambda state, t: (tf.cast(state[10 if count_products else 0], tf.float32) /
-                                tf.cast(taus[t], tf.float32)),
-        check=lambda state, t: tf.reduce_all(state[1] > taus[t]))
+        steps=lambda state, t: (
+            tf.cast(state.products if count_products else state.attempts, tf.float32) /
+            tf.cast(taus[t], tf.float32)),
+        check=lambda state, t: tf.reduce_all(state.s > taus[t]))
 
 
 def euler_flow(h, f0, y, mask, n, eta, taus, substeps, loss="cross_entropy",
