@@ -21,6 +21,8 @@ def define_setting_flags(clients):
     flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
     flags.DEFINE_integer("client_batch", 5, "NTK-DFL clients per TensorFlow call (the presets' 5).")
     flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
+    flags.DEFINE_integer("parallel_calls", 1, "Calls in flight at once, every algorithm "
+                         "(LocalExecutor; 0: one per CPU core).")
     flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, rkc, "
                         "euler_adaptive or euler_bound.")
     flags.DEFINE_list("taus", None, "NTK-DFL candidate evolution times in grid steps (default: "
@@ -53,6 +55,13 @@ def setting_config(**fields):
     if f.taus:
         settings["taus"] = tuple(int(t) for t in f.taus)
     return experiment.Config(**{**settings, **fields})
+
+
+def executor():
+    """The local executor with the flags' calls in flight."""
+    import ntkdfl_tf as nd
+
+    return nd.executors.LocalExecutor(parallel_calls=flags.FLAGS.parallel_calls)
 
 
 def ntkdfl(**options):

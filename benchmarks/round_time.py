@@ -5,6 +5,7 @@
     python benchmarks/round_time.py --clients=60 --taus=10,20,30,40,50,60,80   # the flow's share
     python benchmarks/round_time.py --clients=60 --rounds=3 --algorithms=ntk_dfl \
         --tau_search=full,early_stop   # the tau grid's search, side by side
+    python benchmarks/round_time.py --clients=300 --parallel_calls=1,2   # calls in flight
 
 Prints one JSON line per (algorithm, clients): the median round time after one warm-up round
 (Fashion-MNIST, alpha=0.1, kappa=5, MLP 784-100-10, 200 samples per client; training only, no
@@ -16,6 +17,8 @@ median to DFedAvg's (5 local epochs by default, as the performance issue asks). 
 ``--tau_search`` values time NTK-DFL once each (same partition and seed), with the candidates
 each round's calls evaluated (``candidates_evaluated``) and the mean chosen tau. The sweeps time
 the NTK-DFL round at ``--sweep_clients`` clients for each kappa and each samples-per-client.
+Several ``--parallel_calls`` repeat the client-count measurements (every algorithm) with that
+many calls in flight (``LocalExecutor(parallel_calls=...)``), in the order given.
 """
 
 import json
@@ -37,6 +40,8 @@ flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off
 flags.DEFINE_list("client_batch", ["5"], "NTK-DFL clients per TensorFlow call (5: the presets'); "
                   "several values are timed one after another, each against the same baseline "
                   "rounds.")
+flags.DEFINE_list("parallel_calls", ["1"], "Calls in flight at once for every algorithm "
+                  "(LocalExecutor; 0: one per CPU core); several: each in turn.")
 flags.DEFINE_bool("jit_compile", True, "NTK-DFL: XLA-compile the evolution.")
 flags.DEFINE_string("flow", "dopri5", "NTK-DFL flow integrator: dopri5, exact, rkc, "
                     "euler_adaptive or euler_bound.")
@@ -71,12 +76,16 @@ class _Traces(keras.callbacks.Callback):
         self.rss.append(rss_mb())
 
 
-def time_rounds(name, clients, kappa, client_batch=None, tau_search=None, **fields):
+def time_rounds(name, clients, kappa, client_batch=None, tau_search=None, parallel_calls=1,
+                **fields):
     client_batch = client_batch or int(FLAGS.client_batch[0])
     tau_search = tau_search or FLAGS.tau_search[0]
-    trainer = nd.DecentralizedTrainer(nd.models.mlp,
-                                      make_algorithm(name, client_batch, tau_search),
-                                      nd.topology.RandomGraph(kappa), seed=0)
+    trainer = nd.DecentralizedTrainer(
+        nd.models.mlp, make_algorithm(name, client_batch, tau_search),
+        nd.topology.RandomGraph(kappa), seed=0,
+        executor=nd.executors.LocalExecutor(parallel_calls=parallel_calls))
+    if parallel_calls != 1:
+        fields["parallel_calls"] = parallel_calls
     traces = _Traces(trainer)
     history = trainer.fit(clients, rounds=FLAGS.rounds, verbose=0, callbacks=[traces])
     times = history.history["round_seconds"]
@@ -103,17 +112,19 @@ def time_rounds(name, clients, kappa, client_batch=None, tau_search=None, **fiel
 def main(argv):
     del argv
     (x, y), _ = nd.data.load("fashion_mnist", data_dir=FLAGS.data_dir)
-    for k in (int(c) for c in FLAGS.clients if c):
+    for k, p in ((int(c), int(p)) for p in FLAGS.parallel_calls for c in FLAGS.clients if c):
         clients = nd.data.dirichlet_partition(x, y, k, 0.1, seed=0, samples_per_client=200)
         first, *rest = FLAGS.algorithms
-        medians = {name: time_rounds(name, clients, FLAGS.num_neighbors) for name in rest}
+        medians = {name: time_rounds(name, clients, FLAGS.num_neighbors, parallel_calls=p)
+                   for name in rest}
         for batch, search in ((int(b), t) for b in FLAGS.client_batch
                               for t in FLAGS.tau_search):
             median = time_rounds(first, clients, FLAGS.num_neighbors, client_batch=batch,
-                                 tau_search=search)
+                                 tau_search=search, parallel_calls=p)
             for other in rest:
                 print(json.dumps({"clients": k, "ratio": f"{first}/{other}",
                                   "client_batch": batch, "tau_search": search,
+                                  "parallel_calls": p,
                                   "value": round(median / medians[other], 2)}), flush=True)
     k = FLAGS.sweep_clients
     if FLAGS.kappas:

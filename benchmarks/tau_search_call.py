@@ -10,7 +10,8 @@ weights, ``--learning_rate`` as the grid step and the default tau grid. For each
 the two searches' workers are compiled (XLA) on the same inputs and timed alternately; the
 kernel is formed outside the timed call. Prints one JSON line per (B, variant): the median
 seconds per call, the candidates the call evaluated and the chosen taus' mean. Variants:
-``full`` and ``early_stop`` (the two tau searches, cross-entropy), ``mse`` (the MSE loss's
+``full`` and ``early_stop`` (the two tau searches, cross-entropy), ``rkc`` (``full`` with
+``flow="rkc"``), ``mse`` (the MSE loss's
 closed form, one eigendecomposition per call; never under XLA, so with ``mse`` one more line
 times the batch's eigendecomposition alone under XLA and without it), and ``full_taped``
 (``full`` with every candidate's weights from a VJP and a forward pass, as before the input
@@ -32,12 +33,13 @@ flags.DEFINE_float("learning_rate", 0.01, "Grid step eta.")
 flags.DEFINE_list("taus", None, "Candidate grid (default: NTKDFL's); e.g. 100,200,300 times "
                   "what a call costs when every client stops at the earliest.")
 flags.DEFINE_bool("jit_compile", True, "XLA-compile the call.")
-flags.DEFINE_list("variants", ["full", "early_stop"], "Workers to time: full, early_stop, mse, "
-                  "full_taped.")
+flags.DEFINE_list("variants", ["full", "early_stop"], "Workers to time: full, early_stop, rkc, "
+                  "mse, full_taped.")
 flags.DEFINE_string("data_dir", None, "Original data folder (else $NTKDFL_DATA_DIR).")
 FLAGS = flags.FLAGS
 # name: (NTKDFL options, candidates through the input gram (the workers' default for the MLP))
 VARIANTS = {"full": ({}, True), "early_stop": ({"tau_search": "early_stop"}, True),
+            "rkc": ({"flow": "rkc"}, True),
             "mse": ({"loss": "mse"}, True), "full_taped": ({}, False)}
 
 

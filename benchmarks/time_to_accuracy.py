@@ -55,7 +55,7 @@ def main(argv):
     for name in FLAGS.algorithms:
         trainer = nd.DecentralizedTrainer(nd.models.mlp, make_algorithm(name),
                                           nd.topology.RandomGraph(FLAGS.num_neighbors),
-                                          seed=FLAGS.seed)
+                                          seed=FLAGS.seed, executor=common.executor())
         budget = None
         first_timer = results.get(FLAGS.algorithms[0])
         if FLAGS.budget_factor and first_timer and first_timer.reached_wall_seconds:

@@ -16,7 +16,8 @@ import time
 import keras
 import numpy as np
 
-from ntkdfl_tf import algorithms, callbacks, data, defences, models, protocol, topology
+from ntkdfl_tf import algorithms, callbacks, data, defences, executors, models, protocol, \
+    topology
 from ntkdfl_tf import faults as faults_lib
 from ntkdfl_tf.io import atomic_open
 from ntkdfl_tf.trainer import DecentralizedTrainer, stream_rng
@@ -75,6 +76,7 @@ class Config:
     defence_params: str = ""
     final_aggregation: str = "mean"  # or "robust"
     executor: str = "local"  # or "ray"
+    parallel_calls: int = 1  # local executor: calls in flight at once (0: one per CPU core)
     ray_address: str = None  # None: start a local Ray instance; "auto" or ray://host:10001
     ray_actors: int = 2
     seed: int = 0
@@ -200,7 +202,7 @@ def make_defence(cfg):
 
 def make_executor(cfg):
     if cfg.executor == "local":
-        return "local"
+        return executors.LocalExecutor(parallel_calls=cfg.parallel_calls)
     if cfg.executor != "ray":
         raise ValueError(f"Unknown executor {cfg.executor!r}; choose local or ray.")
     if cfg.ray_actors is None or cfg.ray_actors < 1:
@@ -256,6 +258,12 @@ def validate(cfg):
     make_topology(cfg).validate(cfg.num_clients)
     if cfg.executor not in ("local", "ray"):
         raise ValueError(f"Unknown executor {cfg.executor!r}; choose local or ray.")
+    if cfg.executor == "ray" and cfg.parallel_calls != 1:
+        raise ValueError(f"--parallel_calls={cfg.parallel_calls!r} is the local executor's; "
+                         "with --executor=ray the calls run on --ray_actors actors.")
+    if cfg.parallel_calls is None or cfg.parallel_calls < 0:
+        raise ValueError(f"--parallel_calls must be 0 (one per CPU core) or more, got "
+                         f"{cfg.parallel_calls!r}.")
     faults = make_faults(cfg)
     if faults is not None:
         faults.validate(cfg.num_clients)

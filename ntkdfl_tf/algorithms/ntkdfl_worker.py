@@ -5,6 +5,7 @@ data of the clients bound to it; ``run(EvolveContext, EvolveCall) -> EvolveResul
 """
 
 import dataclasses
+import threading
 import typing
 
 import numpy as np
@@ -56,6 +57,7 @@ class NTKDFLWorker(base.Worker):
         self._jacobians = tf.function(lambda w, x: kernels.jacobian(fns, w, x),
                                       reduce_retracing=True)  # traced only if packages are formed
         self._clients, self._slices = None, (None, None)
+        self._slices_lock = threading.Lock()
 
     def bind(self, clients):
         self._clients, self._slices = clients, (None, None)
@@ -63,6 +65,10 @@ class NTKDFLWorker(base.Worker):
     def _round_slices(self, round_index, orders):
         """This round's Jacobian-batching slices of the client data (built once per round),
         each with the sample positions it takes from every held client."""
+        with self._slices_lock:  # calls may run on several threads (LocalExecutor)
+            return self._round_slices_locked(round_index, orders)
+
+    def _round_slices_locked(self, round_index, orders):
         if self._slices[0] != round_index:
             parts = slices_from_orders(self._clients, orders)
             n_max = int(self._clients.mask.shape[1])
