@@ -97,17 +97,18 @@ PRESETS = {
                   rounds=40, logdir="runs/paper"),
     # The paper's setting with the reference's Jacobian batching (m = 6) and XLA-compiled
     # batches of 5 clients: the fastest configuration measured on a CPU with the dopri5 flow,
-    # whose batched loop lasts as long as its stiffest client (docs/performance.md).
+    # whose batched loop lasts as long as its stiffest client; one such call in flight per
+    # CPU core, as each runs on one (docs/performance.md).
     "paper_fast": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                        rounds=40, jacobian_batches=6, client_batch=5, jit_compile=True,
-                       logdir="runs/paper_fast"),
+                       parallel_calls=0, logdir="runs/paper_fast"),
     # paper_fast with one candidate, tau = 100 grid steps at a constant eta = 0.01 (the
     # reference's final configuration has tau = 100 too, with eta decaying): 8x less flow and
     # one candidate per slice. Reaches 85% on Fashion-MNIST sooner in wall-clock time than the
     # tau grid, in more rounds (README, Performance).
     "paper_single_tau": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                              rounds=40, jacobian_batches=6, client_batch=5, jit_compile=True,
-                             taus=(100,), logdir="runs/paper_single_tau"),
+                             parallel_calls=0, taus=(100,), logdir="runs/paper_single_tau"),
     # The Byzantine matrix (launchers/byzantine.py): 100 clients, 30 rounds, one candidate tau
     # and m = 6, which keeps an NTK-DFL run near a minute here. The flow is pinned so that the
     # cells of a matrix run across sessions stay comparable. Honest kernels here ask 2-4 Euler
