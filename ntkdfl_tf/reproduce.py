@@ -1,8 +1,9 @@
 """The paper's table at the paper's scale, in parts that resume.
 
 Every run is 300 clients of ~200 samples (``experiment.PRESETS["paper_fast"]``: Jacobian batching
-m = 6, XLA-compiled groups of 5 clients, one group in flight per CPU core, the default flow), trained until the aggregate reaches
-85% test accuracy or a round cap (NTK-DFL 40, baselines 250). Parts (``PARTS``):
+m = 6, XLA-compiled groups of 5 clients, one group in flight per CPU core, the default flow),
+trained until the aggregate reaches 85% test accuracy or a round cap (NTK-DFL 40, baselines
+250). Parts (``PARTS``):
 
 - ``a0.1_s0``, ``a0.1_s1``, ``a0.1_s2``: alpha = 0.1, seeds 0, 1, 2; every algorithm
   (``ALGORITHMS``: NTK-DFL with the tau grid and with tau = 100, DFedAvg, DFedAvgM, D-PSGD,
