@@ -38,31 +38,26 @@ class LocalExecutor:
         self._worker.bind(clients)
 
     def map(self, context, calls, progress=None):
-        """``[worker.run(context, call) for call in calls]``; ``progress(done)`` after each.
-
-        With ``parallel_calls`` > 1 the first call runs alone (it traces and compiles what the
-        others reuse), the rest on a thread pool.
-        """
+        """``[worker.run(context, call) for call in calls]``; ``progress(done)`` after each,
+        in order."""
         def run(call):
             return self._worker.run(context, call)
 
-        results = []
-
-        def done(result):
-            results.append(result)
-            if progress is not None:
-                progress(len(results))
-
-        calls = list(calls)
-        if self.parallel_calls == 1 or len(calls) < 3:
-            for call in calls:
-                done(run(call))
-            return results
-        done(run(calls[0]))
-        with concurrent.futures.ThreadPoolExecutor(min(self.parallel_calls,
-                                                       len(calls) - 1)) as pool:
-            for result in pool.map(run, calls[1:]):
-                done(result)
+        calls, results = list(calls), []
+        threads = min(self.parallel_calls, len(calls))
+        if threads <= 1:
+            outcomes = map(run, calls)
+        else:  # a tf.function traces once under concurrent first calls (its own lock)
+            pool = concurrent.futures.ThreadPoolExecutor(threads)
+            outcomes = pool.map(run, calls)
+        try:
+            for result in outcomes:
+                results.append(result)
+                if progress is not None:
+                    progress(len(results))
+        finally:
+            if threads > 1:
+                pool.shutdown(cancel_futures=True)
         return results
 
     def round_stats(self):
