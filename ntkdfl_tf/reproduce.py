@@ -298,26 +298,39 @@ def _acc(value):
     return f"{value:.3f}"
 
 
-def _setting_table(rows, alpha, paper=True):
+_MEASURES = ("rounds to 85%", "accuracy r1 / r5 / r10 / r20", "train s to 85%", "GB to 85%",
+             "s / round", "aggregate − mean client")
+
+
+def _measures(rows):
+    """The cells of ``_MEASURES`` over ``rows`` (one run, or a setting's seeds: medians)."""
+    return [_fmt_rounds(rows),
+            " / ".join(_median(rows, f"accuracy_r{k}", _acc) for k in CHECKPOINT_ROUNDS),
+            _median(rows, "train_seconds_to_target", lambda v: f"{v:.0f}"),
+            _median(rows, "bytes_to_target", _gb),
+            _median(rows, "median_round_seconds", lambda v: f"{v:.1f}"),
+            _median(rows, "aggregate_gain", lambda v: f"{v:+.3f}")]
+
+
+def _table(head, lines):
+    """Markdown table rows from a header's cells and each line's cells."""
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+            ["| " + " | ".join(cells) + " |" for cells in lines])
+
+
+def _setting_table(rows, alpha):
     """One markdown table: a row per algorithm variant of the setting's rows."""
-    head = ("| algorithm | rounds to 85% | paper | accuracy r1 / r5 / r10 / r20 | train s to 85% "
-            "| GB to 85% | s / round | aggregate − mean client | client on own test dist. | "
-            "seeds |")
-    out = [head, "|---|" + "---|" * (head.count("|") - 2)]
+    lines = []
     for label, _, _ in ALGORITHMS:
         mine = [r for r in rows if r["label"] == label]
-        if not mine:
-            continue
-        accs = " / ".join(_median(mine, f"accuracy_r{k}", _acc) for k in CHECKPOINT_ROUNDS)
-        out.append(
-            f"| {label} | {_fmt_rounds(mine)} | {PAPER_ROUNDS.get((alpha, label), '—')} | "
-            f"{accs} | {_median(mine, 'train_seconds_to_target', lambda v: f'{v:.0f}')} | "
-            f"{_median(mine, 'bytes_to_target', _gb)} | "
-            f"{_median(mine, 'median_round_seconds', lambda v: f'{v:.1f}')} | "
-            f"{_median(mine, 'aggregate_gain', lambda v: f'{v:+.3f}')} | "
-            f"{_median(mine, 'final_client_local_accuracy', _acc)} | "
-            f"{', '.join(sorted(r['seed'] for r in mine))} |")
-    return out
+        if mine:
+            rounds, *rest = _measures(mine)
+            lines.append([label, rounds, str(PAPER_ROUNDS.get((alpha, label), "—")), *rest,
+                          _median(mine, "final_client_local_accuracy", _acc),
+                          ", ".join(sorted(r["seed"] for r in mine))])
+    head = ("algorithm", _MEASURES[0], "paper", *_MEASURES[1:], "client on own test dist.",
+            "seeds")
+    return _table(head, lines)
 
 
 def _ratio(rows, alpha):
@@ -358,40 +371,29 @@ def tables(rows):
              r["topology"] == "random" and r["per_round_averaging"] == "1" and
              r["label"] in ("ntk_dfl_grid", "dfedavg")]
     if any(r["num_neighbors"] != "5" for r in sweep):
-        out += ["#### κ at α = 0.1 (seed 0)", "",
-                "| κ | algorithm | rounds to 85% | accuracy r1 / r5 / r10 | s / round |",
-                "|---|---|---|---|---|"]
-        for r in sorted(sweep, key=lambda r: (int(r["num_neighbors"]), r["label"])):
-            out.append(f"| {r['num_neighbors']} | {r['label']} | {_fmt_rounds([r])} | " +
-                       " / ".join(_median([r], f"accuracy_r{k}", _acc) for k in (1, 5, 10)) +
-                       f" | {float(r['median_round_seconds']):.1f} |")
-        out.append("")
+        ordered = sorted(sweep, key=lambda r: (int(r["num_neighbors"]), r["label"]))
+        out += ["#### κ at α = 0.1 (seed 0)", ""] + _table(
+            ("κ", "algorithm", *_MEASURES),
+            [[r["num_neighbors"], r["label"], *_measures([r])] for r in ordered]) + [""]
     variants = [r for r in main if _alpha_key(r["alpha"]) == "0.1" and r["seed"] == "0" and
                 r["label"] in ("ntk_dfl_grid",) + tuple(label for label, _, _ in VARIANTS)]
     if any(r["label"] != "ntk_dfl_grid" for r in variants):
-        out += ["#### Variants of NTK-DFL's τ-grid run (α = 0.1, seed 0)", "",
-                "| run | flow, Jacobian batches m | rounds to 85% | accuracy r1 / r5 / r10 | "
-                "s / round |", "|---|---|---|---|---|"]
         settings = {label: extra for label, _, extra in VARIANTS}
-        for r in variants:
+
+        def setting(r):
             extra = settings.get(r["label"], {})
-            setting = (f"{extra.get('flow', 'dopri5')}, m = "
-                       f"{extra.get('jacobian_batches', BASE_JACOBIAN_BATCHES)}")
-            out.append(f"| {r['run']} | {setting} | {_fmt_rounds([r])} | " +
-                       " / ".join(_median([r], f"accuracy_r{k}", _acc) for k in (1, 5, 10)) +
-                       f" | {float(r['median_round_seconds']):.1f} |")
-        out.append("")
+            return (f"{extra.get('flow', 'dopri5')}, m = "
+                    f"{extra.get('jacobian_batches', BASE_JACOBIAN_BATCHES)}")
+
+        out += ["#### Variants of NTK-DFL's τ-grid run (α = 0.1, seed 0)", ""] + _table(
+            ("run", "flow, Jacobian batches m", *_MEASURES),
+            [[r["run"], setting(r), *_measures([r])] for r in variants]) + [""]
     abl = [r for r in rows if r["topology"] != "random" or r["per_round_averaging"] == "0"]
     if abl:
-        out += ["#### Ablations at α = 0.1 (seed 0)", "",
-                "| run | rounds to 85% | accuracy r1 / r5 / r10 / r20 | final accuracy |",
-                "|---|---|---|---|"]
-        for r in abl:
-            out.append(f"| {r['run']} | {_fmt_rounds([r])} | " +
-                       " / ".join(_median([r], f"accuracy_r{k}", _acc)
-                                  for k in CHECKPOINT_ROUNDS) +
-                       f" | {float(r['final_accuracy']):.3f} |")
-        out.append("")
+        out += ["#### Ablations at α = 0.1 (seed 0)", ""] + _table(
+            ("run", *_MEASURES, "final accuracy"),
+            [[r["run"], *_measures([r]), f"{float(r['final_accuracy']):.3f}"]
+             for r in abl]) + [""]
     return "\n".join(out + _parts_table(rows))
 
 
