@@ -259,12 +259,11 @@ def validate(cfg):
     make_topology(cfg).validate(cfg.num_clients)
     if cfg.executor not in ("local", "ray"):
         raise ValueError(f"Unknown executor {cfg.executor!r}; choose local or ray.")
-    if cfg.executor == "ray" and cfg.parallel_calls != 1:
+    executors.local.check_parallel_calls(cfg.parallel_calls)
+    if cfg.executor == "ray" and cfg.parallel_calls not in (0, 1):  # 0 (auto): the presets'
         raise ValueError(f"--parallel_calls={cfg.parallel_calls!r} is the local executor's; "
-                         "with --executor=ray the calls run on --ray_actors actors.")
-    if cfg.parallel_calls is None or cfg.parallel_calls < 0:
-        raise ValueError(f"--parallel_calls must be 0 (one per CPU core) or more, got "
-                         f"{cfg.parallel_calls!r}.")
+                         "with --executor=ray the calls run on --ray_actors actors (drop "
+                         "--parallel_calls).")
     faults = make_faults(cfg)
     if faults is not None:
         faults.validate(cfg.num_clients)

@@ -1,5 +1,6 @@
 """The local executor with several calls in flight: really concurrent, same results, in order."""
 
+import os
 import threading
 import time
 
@@ -68,6 +69,7 @@ def test_parallel_calls_give_the_sequential_results(tiny, name):
         history = trainer.fit(tiny[0], rounds=2, validation_data=tiny[1], verbose=0).history
         runs[parallel_calls] = (trainer, history)
     (one, one_history), (three, three_history) = runs[1], runs[3]
+    assert len(one.client_weights) == len(three.client_weights)
     for a, b in zip(one.client_weights, three.client_weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(one_history["val_accuracy"], three_history["val_accuracy"])
@@ -80,9 +82,27 @@ def test_bad_parallel_calls_name_the_value(value, one_line_error):
 
 
 def test_config_parallel_calls_checked_before_any_data_is_loaded():
-    with pytest.raises(ValueError, match="--parallel_calls must be 0 .* got -2"):
-        experiment.validate(experiment.Config(parallel_calls=-2))
+    for bad in (-2, 1.5):
+        with pytest.raises(ValueError, match=f"parallel_calls must be .* got {bad!r}"):
+            experiment.validate(experiment.Config(parallel_calls=bad))
     with pytest.raises(ValueError, match="--parallel_calls=2 is the local executor's"):
         experiment.validate(experiment.Config(parallel_calls=2, executor="ray"))
-    executor = experiment.make_executor(experiment.Config(parallel_calls=0))
-    assert executor.parallel_calls >= 1  # 0: one per CPU core
+    # the presets' auto (0) is no error with Ray: its actors run the calls
+    experiment.validate(experiment.Config(**{**experiment.PRESETS["paper_fast"],
+                                             "executor": "ray"}))
+    assert LocalExecutor(np.int64(2)).parallel_calls == 2
+
+
+def test_auto_runs_one_call_per_core_only_for_compiled_calls():
+    cores = len(os.sched_getaffinity(0))
+    compiled = LocalExecutor(parallel_calls=0)
+    compiled.start(_Compiled(True), clients=None, fns=None)
+    assert compiled.parallel_calls == cores
+    plain = LocalExecutor(parallel_calls=0)
+    plain.start(_Compiled(False), clients=None, fns=None)
+    assert plain.parallel_calls == 1  # the baselines' calls already use every core
+
+
+class _Compiled(_SlowAlgorithm):
+    def __init__(self, jit_compile):
+        self.jit_compile = jit_compile

@@ -74,9 +74,9 @@ _HELP = {
                          "coordinate-wise median; the kept ones are logged).",
     "resume": "Continue from <logdir>/checkpoint.npz if it exists (--noresume: start afresh).",
     "executor": "local (this process) or ray (Ray actors; pip install 'ntkdfl_tf[ray]').",
-    "parallel_calls": "Local executor: calls in flight at once, each on its own thread (an "
-                      "XLA-compiled call runs on one core); 0: one per CPU core. Same results, "
-                      "more memory.",
+    "parallel_calls": "Local executor: calls in flight at once, each on its own thread; 0 "
+                      "(auto): one per CPU core for XLA-compiled NTK-DFL calls (each runs on "
+                      "one core), else 1. Same results, more memory.",
     "ray_address": "Ray cluster to join (auto, ray://host:10001); unset starts a local one.",
     "ray_actors": "Ray actors holding client groups.",
     "seed": "Root seed.", "logdir": "Where history.csv and TensorBoard events go.",

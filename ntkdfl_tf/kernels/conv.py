@@ -24,6 +24,7 @@ run as they are; their effect reaches H through the patches and the sensitivitie
 """
 
 import dataclasses
+import threading
 
 import keras
 import numpy as np
@@ -140,10 +141,15 @@ class ConvNTK:
         self.fns, self.chunk, self.tile = fns, int(chunk), max(int(tile), int(chunk))
         self.factor_budget_bytes = float(factor_budget_mb) * 2 ** 20
         self._compiled = {}  # feature shape -> (factors, block) tf.functions
+        self._compiled_lock = threading.Lock()  # calls may run on several threads
 
     def _functions(self, feature_shape):
         """The chunk-factor and block functions, traced once for any number of samples (their
         input signatures leave the sample axis free: no retrace for a shorter last chunk)."""
+        with self._compiled_lock:
+            return self._functions_locked(feature_shape)
+
+    def _functions_locked(self, feature_shape):
         if feature_shape not in self._compiled:
             factors = tf.function(self._chunk_factors, input_signature=[
                 [tf.TensorSpec(shape, tf.float32) for shape in self.fns.shapes],
