@@ -392,7 +392,7 @@ def tables(rows):
     if abl:
         out += ["#### Ablations at α = 0.1 (seed 0)", ""] + _table(
             ("run", *_MEASURES, "final accuracy"),
-            [[r["run"], *_measures([r]), f"{float(r['final_accuracy']):.3f}"]
+            [[r["run"], *_measures([r]), _median([r], "final_accuracy", _acc)]
              for r in abl]) + [""]
     return "\n".join(out + _parts_table(rows))
 

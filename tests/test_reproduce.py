@@ -113,6 +113,8 @@ def test_tables_aggregate_seeds():
     assert ("| ntk_dfl_grid_exact_0 | exact, m = 6 | 9 | 0.800 / 0.800 / 0.800 / — | — | — | "
             "60.0 | — |") in text
     assert "| ntk_dfl_grid_m1_0 | dopri5, m = 1 | 9 |" in text
+    ring = {**_row("dfedavg", 0, None), "topology": "ring", "final_accuracy": ""}
+    assert "| dfedavg_0 | > 250 | — / — / — / — | — | — | — | — | — |" in reproduce.tables([ring])
     partial = reproduce.tables([_row("dfedavg", 0, 60), _row("dfedavg", 1, None)])
     assert "60 (1 of 2 seeds > 250)" in partial
     timed = [{**_row(label, 0, 9), "part": "a0.1_s0", "wall_seconds": w, "train_seconds": t}

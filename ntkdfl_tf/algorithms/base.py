@@ -139,7 +139,9 @@ class Worker:
         raise NotImplementedError
 
     def run(self, context, call):
-        """One call's work; ``context`` is what every call of the map shares."""
+        """One call's work; ``context`` is what every call of the map shares. Calls may run
+        on several threads at once (``LocalExecutor(parallel_calls=...)``): state written
+        during a call must be the call's own, or guarded."""
         raise NotImplementedError
 
     def tracing_counts(self):
