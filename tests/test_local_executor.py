@@ -15,7 +15,8 @@ from ntkdfl_tf.executors import LocalExecutor
 class _SlowWorker:
     """Records how many calls are in flight at once; each call returns its own number."""
 
-    def __init__(self):
+    def __init__(self, jit_compile):
+        self.jit_compile = jit_compile
         self.lock, self.running, self.most = threading.Lock(), 0, 0
 
     def bind(self, clients):
@@ -35,20 +36,23 @@ class _SlowWorker:
 
 
 class _SlowAlgorithm:
+    def __init__(self, jit_compile=False):
+        self.worker = _SlowWorker(jit_compile)
+
     def make_worker(self, fns):
         del fns
-        return _SlowWorker()
+        return self.worker
 
 
 @pytest.mark.parametrize("parallel_calls, most", [(1, 1), (2, 2), (3, 3)])
 def test_calls_run_concurrently_and_return_in_order(parallel_calls, most):
-    executor = LocalExecutor(parallel_calls=parallel_calls)
-    executor.start(_SlowAlgorithm(), clients=None, fns=None)
+    executor, algorithm = LocalExecutor(parallel_calls=parallel_calls), _SlowAlgorithm()
+    executor.start(algorithm, clients=None, fns=None)
     progress = []
     results = executor.map(100, list(range(8)), progress=progress.append)
     assert results == [100 + c for c in range(8)]
     assert progress == list(range(1, 9))
-    assert executor._worker.most == most
+    assert algorithm.worker.most == most
 
 
 ALGORITHMS = {
@@ -96,13 +100,18 @@ def test_config_parallel_calls_checked_before_any_data_is_loaded():
 def test_auto_runs_one_call_per_core_only_for_compiled_calls():
     cores = len(os.sched_getaffinity(0))
     compiled = LocalExecutor(parallel_calls=0)
-    compiled.start(_Compiled(True), clients=None, fns=None)
+    compiled.start(_SlowAlgorithm(jit_compile=True), clients=None, fns=None)
     assert compiled.parallel_calls == cores
     plain = LocalExecutor(parallel_calls=0)
-    plain.start(_Compiled(False), clients=None, fns=None)
+    plain.start(_SlowAlgorithm(jit_compile=False), clients=None, fns=None)
     assert plain.parallel_calls == 1  # the baselines' calls already use every core
+    # the real workers say whether their calls are compiled: NTK-DFL's closed form is not
+    assert nd.algorithms.NTKDFL(jit_compile=True).make_worker(_fns()).jit_compile
+    assert not nd.algorithms.NTKDFL(jit_compile=True, loss="mse").make_worker(_fns()).jit_compile
+    assert not nd.algorithms.get("dfedavg").make_worker(_fns()).jit_compile
 
 
-class _Compiled(_SlowAlgorithm):
-    def __init__(self, jit_compile):
-        self.jit_compile = jit_compile
+def _fns():
+    from ntkdfl_tf.functional import ModelFunctions
+
+    return ModelFunctions(nd.models.mlp())

@@ -129,7 +129,13 @@ class Worker:
 
     Built once per process from the algorithm's configuration and the model's functions; it
     owns compiled functions, kernels and the data of the clients bound to it.
+
+    Attributes:
+        jit_compile: whether its calls are XLA-compiled; such a call runs on one core, so
+            ``LocalExecutor(parallel_calls=0)`` runs one per core.
     """
+
+    jit_compile = False
 
     def __init__(self, algorithm, fns):
         self.algorithm, self.fns = algorithm, fns

@@ -66,19 +66,17 @@ class NTKDFLWorker(base.Worker):
         """This round's Jacobian-batching slices of the client data (built once per round),
         each with the sample positions it takes from every held client."""
         with self._slices_lock:  # calls may run on several threads (LocalExecutor)
-            return self._round_slices_locked(round_index, orders)
-
-    def _round_slices_locked(self, round_index, orders):
-        if self._slices[0] != round_index:
-            parts = slices_from_orders(self._clients, orders)
-            n_max = int(self._clients.mask.shape[1])
-            if orders is None:
-                positions = [np.broadcast_to(np.arange(n_max), (self._clients.num_clients, n_max))]
-            else:
-                positions = list(orders if self._clients.ids is None else
-                                 orders[:, self._clients.ids])
-            self._slices = (round_index, list(zip(parts, positions)))
-        return self._slices[1]
+            if self._slices[0] != round_index:
+                parts = slices_from_orders(self._clients, orders)
+                n_max = int(self._clients.mask.shape[1])
+                if orders is None:
+                    positions = [np.broadcast_to(np.arange(n_max),
+                                                 (self._clients.num_clients, n_max))]
+                else:
+                    positions = list(orders if self._clients.ids is None else
+                                     orders[:, self._clients.ids])
+                self._slices = (round_index, list(zip(parts, positions)))
+            return self._slices[1]
 
     def forms_packages(self, context, call):
         """Whether this call materialises the Jacobian packages (explicit packages, a lossy

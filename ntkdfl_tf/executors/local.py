@@ -25,10 +25,11 @@ class LocalExecutor:
 
     Args:
         parallel_calls: calls in flight at once, each on its own thread. 0 (auto): one per CPU
-            core this process may use when the algorithm's calls are XLA-compiled (NTK-DFL
-            with ``jit_compile``: such a call runs on one core), else 1 (the baselines' calls
-            already spread over the cores). Memory grows with each call in flight. Results are
-            the same whatever the number: calls are independent and returned in order.
+            core this process may use when the worker's calls are XLA-compiled
+            (``Worker.jit_compile``: NTK-DFL with ``jit_compile``; such a call runs on one
+            core), else 1 (the baselines' calls already spread over the cores). Memory grows
+            with each call in flight. Results are the same whatever the number: calls are
+            independent and returned in order.
     """
 
     name = "local"
@@ -46,12 +47,12 @@ class LocalExecutor:
         algorithm and model, and given this fit's data.
         """
         del model_fn, data  # the worker uses the trainer's model functions and tensors
-        if self.requested_calls == 0:
-            self.parallel_calls = _cores() if getattr(algorithm, "jit_compile", False) else 1
         if self._built_for is None or any(a is not b for a, b in zip(self._built_for,
                                                                      (algorithm, fns))):
             self._worker, self._built_for = algorithm.make_worker(fns), (algorithm, fns)
         self._worker.bind(clients)
+        if self.requested_calls == 0:
+            self.parallel_calls = _cores() if self._worker.jit_compile else 1
 
     def map(self, context, calls, progress=None):
         """``[worker.run(context, call) for call in calls]``; ``progress(done)`` after each,
@@ -59,10 +60,8 @@ class LocalExecutor:
         def run(call):
             return self._worker.run(context, call)
 
-        calls, results = list(calls), []
-        threads = min(self.parallel_calls, len(calls))
-        if threads <= 1:
-            futures = None
+        calls, results, futures = list(calls), [], []
+        if min(self.parallel_calls, len(calls)) <= 1:
             outcomes = map(run, calls)
         else:  # a tf.function traces once under concurrent first calls (its own lock)
             if self._pool is None:
@@ -75,7 +74,7 @@ class LocalExecutor:
                 if progress is not None:
                     progress(len(results))
         except BaseException:  # an error or Ctrl-C: the calls not started yet never start
-            for f in futures or ():
+            for f in futures:
                 f.cancel()
             raise
         return results

@@ -141,24 +141,21 @@ class ConvNTK:
         self.fns, self.chunk, self.tile = fns, int(chunk), max(int(tile), int(chunk))
         self.factor_budget_bytes = float(factor_budget_mb) * 2 ** 20
         self._compiled = {}  # feature shape -> (factors, block) tf.functions
-        self._compiled_lock = threading.Lock()  # calls may run on several threads
+        self._compiled_lock = threading.Lock()
 
     def _functions(self, feature_shape):
         """The chunk-factor and block functions, traced once for any number of samples (their
         input signatures leave the sample axis free: no retrace for a shorter last chunk)."""
-        with self._compiled_lock:
-            return self._functions_locked(feature_shape)
-
-    def _functions_locked(self, feature_shape):
-        if feature_shape not in self._compiled:
-            factors = tf.function(self._chunk_factors, input_signature=[
-                [tf.TensorSpec(shape, tf.float32) for shape in self.fns.shapes],
-                tf.TensorSpec([None, *feature_shape], tf.float32)])
-            spec = tf.nest.map_structure(tf.TensorSpec.from_tensor,
-                                         factors.get_concrete_function().structured_outputs)
-            block = tf.function(self._block_kernel, input_signature=[spec, spec])
-            self._compiled[feature_shape] = factors, block
-        return self._compiled[feature_shape]
+        with self._compiled_lock:  # calls may run on several threads (LocalExecutor)
+            if feature_shape not in self._compiled:
+                factors = tf.function(self._chunk_factors, input_signature=[
+                    [tf.TensorSpec(shape, tf.float32) for shape in self.fns.shapes],
+                    tf.TensorSpec([None, *feature_shape], tf.float32)])
+                spec = tf.nest.map_structure(tf.TensorSpec.from_tensor,
+                                             factors.get_concrete_function().structured_outputs)
+                block = tf.function(self._block_kernel, input_signature=[spec, spec])
+                self._compiled[feature_shape] = factors, block
+            return self._compiled[feature_shape]
 
     def __call__(self, weights, feats, mask):
         batch, n = feats.shape[0], feats.shape[1]
