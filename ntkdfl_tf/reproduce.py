@@ -14,8 +14,8 @@ trained until the aggregate reaches 85% test accuracy or a round cap (NTK-DFL 40
 - ``ablations``: a static ring against the redrawn graph (NTK-DFL and DFedAvg), and NTK-DFL
   without per-round averaging, at alpha = 0.1;
 - ``flows``: NTK-DFL (tau grid) at alpha = 0.1, seed 0, with the exact flow, the earlier
-  default (adaptive Euler) and Runge-Kutta-Chebyshev (the default flow, dopri5, is
-  ``a0.1_s0``'s run);
+  default (adaptive Euler) and Runge-Kutta-Chebyshev, and the last at seeds 1 and 2 too (the
+  default flow, dopri5, is ``a0.1_s<seed>``'s run);
 - ``unbatched``: the same without Jacobian batching (m = 1, one kernel over each whole
   neighbourhood, as the reference's ``main.py`` runs it), to tell how much of the difference
   from the paper's rounds the batching makes.
@@ -61,6 +61,8 @@ ALGORITHMS = (("ntk_dfl_grid", "ntk_dfl", {}),
 FLOWS = (("ntk_dfl_grid_exact", "ntk_dfl", {"flow": "exact"}),
          ("ntk_dfl_grid_euler", "ntk_dfl", {"flow": "euler_adaptive"}),
          ("ntk_dfl_grid_rkc", "ntk_dfl", {"flow": "rkc"}))
+# The flows that also run at seeds 1 and 2: the candidates for the default.
+FLOWS_ALL_SEEDS = ("ntk_dfl_grid_rkc",)
 UNBATCHED = (("ntk_dfl_grid_m1", "ntk_dfl", {"jacobian_batches": 1}),)
 VARIANTS = FLOWS + UNBATCHED
 LABELS = tuple(label for label, _, _ in ALGORITHMS + VARIANTS)
@@ -142,7 +144,9 @@ def _part_runs(part, base, logdir, max_rounds):
         return [r for k in (2, 10) for r in _setting(part, base, logdir, max_rounds, pair,
                                                      alpha=0.1, seed=0, num_neighbors=k)]
     if part == "flows":
-        return _setting(part, base, logdir, max_rounds, variants=FLOWS, alpha=0.1, seed=0)
+        return _setting(part, base, logdir, max_rounds, variants=FLOWS, alpha=0.1, seed=0) + [
+            r for seed in (1, 2) for r in _setting(part, base, logdir, max_rounds,
+                                                   FLOWS_ALL_SEEDS, FLOWS, alpha=0.1, seed=seed)]
     if part == "unbatched":
         return _setting(part, base, logdir, max_rounds, variants=UNBATCHED, alpha=0.1, seed=0)
     # ablations
@@ -375,8 +379,7 @@ def tables(rows):
         out += ["#### κ at α = 0.1 (seed 0)", ""] + _table(
             ("κ", "algorithm", *_MEASURES),
             [[r["num_neighbors"], r["label"], *_measures([r])] for r in ordered]) + [""]
-    variants = [r for r in main if _alpha_key(r["alpha"]) == "0.1" and r["seed"] == "0" and
-                r["label"] in ("ntk_dfl_grid",) + tuple(label for label, _, _ in VARIANTS)]
+    variants = _variant_rows(main)
     if any(r["label"] != "ntk_dfl_grid" for r in variants):
         settings = {label: extra for label, _, extra in VARIANTS}
 
@@ -385,7 +388,7 @@ def tables(rows):
             return (f"{extra.get('flow', 'dopri5')}, m = "
                     f"{extra.get('jacobian_batches', BASE_JACOBIAN_BATCHES)}")
 
-        out += ["#### Variants of NTK-DFL's τ-grid run (α = 0.1, seed 0)", ""] + _table(
+        out += ["#### Variants of NTK-DFL's τ-grid run (α = 0.1)", ""] + _table(
             ("run", "flow, Jacobian batches m", *_MEASURES),
             [[r["run"], setting(r), *_measures([r])] for r in variants]) + [""]
     abl = [r for r in rows if r["topology"] != "random" or r["per_round_averaging"] == "0"]
@@ -395,6 +398,16 @@ def tables(rows):
             [[r["run"], *_measures([r]), _median([r], "final_accuracy", _acc)]
              for r in abl]) + [""]
     return "\n".join(out + _parts_table(rows))
+
+
+def _variant_rows(main):
+    """The tau-grid variants' rows at alpha = 0.1 and the default run's at the same seeds, by
+    seed, then in ``VARIANTS``' order with the default first."""
+    order = ("ntk_dfl_grid",) + tuple(label for label, _, _ in VARIANTS)
+    mine = [r for r in main if _alpha_key(r["alpha"]) == "0.1" and r["label"] in order]
+    seeds = {r["seed"] for r in mine if r["label"] != "ntk_dfl_grid"}
+    return sorted((r for r in mine if r["seed"] in seeds),
+                  key=lambda r: (int(r["seed"]), order.index(r["label"])))
 
 
 def _parts_table(rows):
@@ -427,35 +440,46 @@ def write_outputs(results, rows):
 
 
 def plot(results, rows):
-    """``accuracy_a<alpha>.png``: aggregate accuracy per round of every seed-0, kappa-5 run of
-    each alpha; returns the paths ([] without matplotlib)."""
+    """``accuracy_a<alpha>.png``: aggregate accuracy per round of every algorithm's seed-0,
+    kappa-5 run of each alpha; ``accuracy_variants.png``: the tau-grid run's variants at
+    alpha = 0.1, seed 0, beside it; returns the paths ([] without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    main = [r for r in rows if r["num_neighbors"] == "5" and r["topology"] == "random" and
+            r["per_round_averaging"] == "1" and r["seed"] == "0"]
+    algorithms = [label for label, _, _ in ALGORITHMS]
+    figures = [(f"accuracy_a{alpha}.png", [r for r in main if _alpha_key(r["alpha"]) == alpha
+                                           and r["label"] in algorithms],
+                f"300 clients, κ = 5, {'IID' if alpha == 'iid' else f'α = {alpha}'}", "log")
+               for alpha in ("0.1", "0.5", "iid")]
+    variants = _variant_rows(main)
+    if any(r["label"] != "ntk_dfl_grid" for r in variants):
+        figures.append(("accuracy_variants.png", variants,
+                        "NTK-DFL, τ grid: flows and batching (300 clients, κ = 5, α = 0.1)",
+                        "linear"))
     paths = []
-    for alpha in ("0.1", "0.5", "iid"):
-        mine = [r for r in rows if _alpha_key(r["alpha"]) == alpha and r["seed"] == "0" and
-                r["num_neighbors"] == "5" and r["topology"] == "random" and
-                r["per_round_averaging"] == "1"]
+    for name, mine, title, xscale in figures:
         if not mine:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in mine:
             acc = read_history(os.path.join(results, "histories", f"{r['run']}.csv"))[
                 "val_accuracy"]
-            ax.plot(np.arange(1, len(acc) + 1), acc, label=r["label"])
+            ax.plot(np.arange(1, len(acc) + 1), acc, label=r["label"],
+                    marker="." if xscale == "linear" else None)
         ax.axhline(TARGET, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xscale("log")
+        ax.set_xscale(xscale)
         ax.set_xlabel("communication round")
         ax.set_ylabel("aggregated model test accuracy")
-        ax.set_title(f"300 clients, κ = 5, {'IID' if alpha == 'iid' else f'α = {alpha}'}")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(results, f"accuracy_a{alpha}.png")
+        path = os.path.join(results, name)
         save_figure(fig, path)
         plt.close(fig)
         paths.append(path)

@@ -20,10 +20,13 @@ def test_plan_covers_the_issue_table(tmp_path):
     names = [r.name for r in todo]
     assert len(names) == len(set(names))  # every run has a folder of its own
     # 3 seeds at alpha 0.1 + alpha 0.5 + IID, each with all 7 variants; kappa 2 and 10 for two
-    # algorithms; ring for two, no averaging for one; three more flows; one unbatched.
-    assert len(todo) == 5 * 7 + 2 * 2 + 3 + 3 + 1
+    # algorithms; ring for two, no averaging for one; three more flows at seed 0 and rkc at
+    # seeds 1 and 2; one unbatched.
+    assert len(todo) == 5 * 7 + 2 * 2 + 3 + 3 + 2 + 1
     assert {r.config.flow for r in todo if r.part == "flows"} == {"exact", "euler_adaptive",
                                                                    "rkc"}
+    assert sorted((r.config.seed, r.config.flow) for r in todo if r.part == "flows") == [
+        (0, "euler_adaptive"), (0, "exact"), (0, "rkc"), (1, "rkc"), (2, "rkc")]
     assert {r.config.jacobian_batches for r in todo if r.config.algorithm == "ntk_dfl"} == {6, 1}
     assert [(r.name, r.config.jacobian_batches) for r in todo if r.part == "unbatched"] == \
         [("ntk_dfl_grid_m1_a0.1_k5_s0", 1)]
@@ -113,6 +116,13 @@ def test_tables_aggregate_seeds():
     assert ("| ntk_dfl_grid_exact_0 | exact, m = 6 | 9 | 0.800 / 0.800 / 0.800 / — | — | — | "
             "60.0 | — |") in text
     assert "| ntk_dfl_grid_m1_0 | dopri5, m = 1 | 9 |" in text
+    # a variant at seed 1 brings the default run of seed 1 beside it, not seed 2's; seed 0 first
+    seeded = [_row("ntk_dfl_grid", s, 10 + s, 40) for s in (0, 1, 2)] + [
+        _row("ntk_dfl_grid_rkc", s, 9, 40) for s in (1, 0)]
+    lines = [x.split(" | ")[0] for x in reproduce.tables(seeded).split("Variants")[1].splitlines()
+             if x.startswith("| ntk")]
+    assert lines == ["| ntk_dfl_grid_0", "| ntk_dfl_grid_rkc_0", "| ntk_dfl_grid_1",
+                     "| ntk_dfl_grid_rkc_1"]
     ring = {**_row("dfedavg", 0, None), "topology": "ring", "final_accuracy": ""}
     assert "| dfedavg_0 | > 250 | — / — / — / — | — | — | — | — | — |" in reproduce.tables([ring])
     partial = reproduce.tables([_row("dfedavg", 0, 60), _row("dfedavg", 1, None)])
@@ -163,3 +173,18 @@ def test_launcher_refuses_a_capped_run_into_the_results(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --max_rounds=2") and "--results_dir" in last
     assert not os.path.exists(tmp_path / "docs")
+
+
+def test_figures_keep_variants_apart(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "results"
+    (results / "histories").mkdir(parents=True)
+    rows = [_row("ntk_dfl_grid", 0, 2, 40), _row("dfedavg", 0, None),
+            _row("ntk_dfl_grid_rkc", 0, 2, 40)]
+    for r in rows:
+        (results / "histories" / f"{r['run']}.csv").write_text(
+            "round,val_accuracy\n1,0.5\n2,0.86\n")
+    names = [os.path.basename(p) for p in reproduce.plot(str(results), rows)]
+    assert names == ["accuracy_a0.1.png", "accuracy_variants.png"]
+    assert [os.path.basename(p) for p in reproduce.plot(str(results), rows[:2])] == [
+        "accuracy_a0.1.png"]
