@@ -13,7 +13,9 @@ from absl import flags
 
 
 def define_setting_flags(clients):
-    """The partition, graph and NTK-DFL flags (paper_fast's NTK-DFL settings by default)."""
+    """The partition, graph and NTK-DFL flags: by default paper_fast's NTK-DFL settings but
+    for the flow (the library's dopri5, as every benchmark command in the docs ran unless it
+    says ``--flow``) and one call in flight."""
     flags.DEFINE_integer("clients", clients, "Number of clients.")
     flags.DEFINE_integer("num_neighbors", 5, "kappa (random regular graph, < clients).")
     flags.DEFINE_float("alpha", 0.1, "Dirichlet concentration of the partition.")

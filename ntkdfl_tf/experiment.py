@@ -96,12 +96,13 @@ PRESETS = {
     "paper": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                   rounds=40, logdir="runs/paper"),
     # The paper's setting with the reference's Jacobian batching (m = 6) and XLA-compiled
-    # batches of 5 clients: the fastest configuration measured on a CPU with the dopri5 flow,
-    # whose batched loop lasts as long as its stiffest client; one such call in flight per
-    # CPU core, as each runs on one (docs/performance.md).
+    # batches of 5 clients (a batched loop lasts as long as its stiffest client); one such
+    # call in flight per CPU core, as each runs on one; the rkc flow, within 1% of the exact
+    # flow's update like dopri5 with fewer products with H, as many rounds to 85% over three
+    # seeds and 0.8x dopri5's time (RESULTS.md 6.6, docs/performance.md).
     "paper_fast": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                        rounds=40, jacobian_batches=6, client_batch=5, jit_compile=True,
-                       parallel_calls=0, logdir="runs/paper_fast"),
+                       parallel_calls=0, flow="rkc", logdir="runs/paper_fast"),
     # paper_fast with one candidate, tau = 100 grid steps at a constant eta = 0.01 (the
     # reference's final configuration has tau = 100 too, with eta decaying): 8x less flow and
     # one candidate per slice. Reaches 85% on Fashion-MNIST sooner in wall-clock time than the

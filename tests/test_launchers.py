@@ -114,6 +114,7 @@ def test_every_preset_builds_its_algorithm(name):
     algorithm = experiment.make_algorithm(cfg)
     assert algorithm.taus == tuple(cfg.taus)
     assert algorithm.jacobian_batches == cfg.jacobian_batches
+    assert algorithm.flow == cfg.flow
 
 
 def test_compare_sweeps_codecs_and_reports_bytes_to_target(tmp_path):

@@ -25,6 +25,9 @@ def test_plan_covers_the_issue_table(tmp_path):
     assert len(todo) == 5 * 7 + 2 * 2 + 3 + 3 + 2 + 1
     assert {r.config.flow for r in todo if r.part == "flows"} == {"exact", "euler_adaptive",
                                                                    "rkc"}
+    # the committed runs used dopri5; the preset's own flow (rkc since) must not change them
+    assert experiment.PRESETS["paper_fast"]["flow"] != "dopri5"
+    assert {r.config.flow for r in todo if r.part != "flows"} == {"dopri5"}
     assert sorted((r.config.seed, r.config.flow) for r in todo if r.part == "flows") == [
         (0, "euler_adaptive"), (0, "exact"), (0, "rkc"), (1, "rkc"), (2, "rkc")]
     assert {r.config.jacobian_batches for r in todo if r.config.algorithm == "ntk_dfl"} == {6, 1}
