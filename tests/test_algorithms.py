@@ -109,6 +109,20 @@ def test_local_schedule_covers_each_clients_samples_once_per_epoch():
             assert sorted(seen[seen < n].tolist()) == list(range(n))
 
 
+@pytest.mark.parametrize("name, steps", [  # NTK-DFL.md's lr / batch / local epochs, by hand:
+    ("dfedavg", 20 * 8),    # 20 epochs of ceil(200 / 25) batches
+    ("dfedavgm", 20 * 4),   # 20 of ceil(200 / 50)
+    ("dpsgd", 1 * 20),      # 1 of ceil(200 / 10)
+    ("dfedsam", 5 * 7)])    # 5 of ceil(200 / 32)
+def test_baselines_local_work_per_round_is_the_papers(name, steps):
+    alg = nd.algorithms.get(name)
+    schedule = alg.schedule(np.array([200, 120]), 200, np.random.default_rng(0))
+    assert schedule.shape[0] == steps
+    seen = schedule[:, 1].ravel()  # the smaller client sees each of its samples once an epoch
+    assert np.bincount(seen[seen < 120], minlength=120).tolist() == [steps // (
+        -(-200 // alg.batch_size))] * 120
+
+
 def test_bad_local_sgd_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         nd.algorithms.DFedAvg(batch_size=0)
