@@ -35,7 +35,8 @@ flags.DEFINE_list("clients", ["50", "100", "300"], "Client counts (empty: skip).
 flags.DEFINE_list("algorithms", ["ntk_dfl", "dfedavg"], "Algorithms (first is the numerator).")
 flags.DEFINE_integer("rounds", 3, "Rounds per measurement; the first is a warm-up.")
 flags.DEFINE_integer("num_neighbors", 5, "kappa.")
-flags.DEFINE_integer("local_epochs", 5, "DFedAvg-family local epochs.")
+flags.DEFINE_integer("local_epochs", 5, "Local epochs of every local-SGD baseline, D-PSGD "
+                     "included.")
 flags.DEFINE_integer("jacobian_batches", 6, "NTK-DFL Jacobian batching m (1: off).")
 flags.DEFINE_list("client_batch", ["5"], "NTK-DFL clients per TensorFlow call (5: the presets'); "
                   "several values are timed one after another, each against the same baseline "

@@ -89,27 +89,29 @@ class Config:
     client_metrics_every: int = 1  # rounds between evaluations of every client model
 
 
+# The paper's setting with the reference's Jacobian batching (m = 6) and XLA-compiled batches
+# of 5 clients (a batched loop lasts as long as its stiffest client); one such call in flight
+# per CPU core, as each runs on one; the rkc flow, within 1% of the exact flow's update like
+# dopri5 with fewer products with H, as many rounds to 85% over three seeds and 0.8x dopri5's
+# time (RESULTS.md 6.6, docs/performance.md).
+_PAPER_FAST = dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
+                   rounds=40, jacobian_batches=6, client_batch=5, jit_compile=True,
+                   parallel_calls=0, flow="rkc", logdir="runs/paper_fast")
+
 PRESETS = {
     # a quick run that clearly learns (its time on this machine: README, Results).
     "quick": dict(num_clients=30, rounds=5, logdir="runs/quick"),
     # The paper's headline setting: 300 clients of ~200 samples, alpha = 0.1, kappa = 5.
     "paper": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
                   rounds=40, logdir="runs/paper"),
-    # The paper's setting with the reference's Jacobian batching (m = 6) and XLA-compiled
-    # batches of 5 clients (a batched loop lasts as long as its stiffest client); one such
-    # call in flight per CPU core, as each runs on one; the rkc flow, within 1% of the exact
-    # flow's update like dopri5 with fewer products with H, as many rounds to 85% over three
-    # seeds and 0.8x dopri5's time (RESULTS.md 6.6, docs/performance.md).
-    "paper_fast": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
-                       rounds=40, jacobian_batches=6, client_batch=5, jit_compile=True,
-                       parallel_calls=0, flow="rkc", logdir="runs/paper_fast"),
+    "paper_fast": _PAPER_FAST,
     # paper_fast with one candidate, tau = 100 grid steps at a constant eta = 0.01 (the
     # reference's final configuration has tau = 100 too, with eta decaying): 8x less flow and
-    # one candidate per slice. Reaches 85% on Fashion-MNIST sooner in wall-clock time than the
+    # one candidate per slice, and the dopri5 flow (rkc gains nothing when the stiff transient
+    # is most of the flow). Reaches 85% on Fashion-MNIST sooner in wall-clock time than the
     # tau grid, in more rounds (README, Performance).
-    "paper_single_tau": dict(num_clients=300, alpha=0.1, num_neighbors=5, samples_per_client=200,
-                             rounds=40, jacobian_batches=6, client_batch=5, jit_compile=True,
-                             parallel_calls=0, taus=(100,), logdir="runs/paper_single_tau"),
+    "paper_single_tau": {**_PAPER_FAST, "taus": (100,), "flow": "dopri5",
+                         "logdir": "runs/paper_single_tau"},
     # The Byzantine matrix (launchers/byzantine.py): 100 clients, 30 rounds, one candidate tau
     # and m = 6, which keeps an NTK-DFL run near a minute here. The flow is pinned so that the
     # cells of a matrix run across sessions stay comparable. Honest kernels here ask 2-4 Euler

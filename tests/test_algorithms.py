@@ -109,7 +109,7 @@ def test_local_schedule_covers_each_clients_samples_once_per_epoch():
             assert sorted(seen[seen < n].tolist()) == list(range(n))
 
 
-@pytest.mark.parametrize("name, steps", [  # NTK-DFL.md's lr / batch / local epochs, by hand:
+@pytest.mark.parametrize("name, steps", [  # NTK-DFL.md's batch and local epochs, by hand:
     ("dfedavg", 20 * 8),    # 20 epochs of ceil(200 / 25) batches
     ("dfedavgm", 20 * 4),   # 20 of ceil(200 / 50)
     ("dpsgd", 1 * 20),      # 1 of ceil(200 / 10)

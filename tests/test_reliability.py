@@ -310,7 +310,7 @@ def test_every_algorithm_keeps_training_with_failures(tiny, name):
     for e, got in zip(expected, trainer.aggregated_weights()):
         np.testing.assert_allclose(got, e, rtol=1e-6)
     assert np.isfinite(history.history["val_loss"]).all()
-    # the clients' training loss still falls (D-PSGD's is one minibatch's: noisy, hence min)
+    # the clients' training loss still falls (D-PSGD's is one short epoch's: noisy, hence min)
     assert min(history.history["loss"]) < first_loss
 
 

@@ -13,7 +13,10 @@ from ntkdfl_tf.io import read_csv
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_plan_covers_the_issue_table(tmp_path):
+def test_plan_covers_the_issue_table(tmp_path, monkeypatch):
+    # whatever flow the preset takes, the committed runs' flow must not change with it
+    monkeypatch.setitem(experiment.PRESETS, "paper_fast",
+                        {**experiment.PRESETS["paper_fast"], "flow": "euler_bound"})
     base = reproduce.base_config()
     assert (base.num_clients, base.num_neighbors, base.samples_per_client) == (300, 5, 200)
     todo = reproduce.runs(reproduce.PARTS, base, str(tmp_path))
@@ -25,8 +28,6 @@ def test_plan_covers_the_issue_table(tmp_path):
     assert len(todo) == 5 * 7 + 2 * 2 + 3 + 3 + 2 + 1
     assert {r.config.flow for r in todo if r.part == "flows"} == {"exact", "euler_adaptive",
                                                                    "rkc"}
-    # the committed runs used dopri5; the preset's own flow (rkc since) must not change them
-    assert experiment.PRESETS["paper_fast"]["flow"] != "dopri5"
     assert {r.config.flow for r in todo if r.part != "flows"} == {"dopri5"}
     assert sorted((r.config.seed, r.config.flow) for r in todo if r.part == "flows") == [
         (0, "euler_adaptive"), (0, "exact"), (0, "rkc"), (1, "rkc"), (2, "rkc")]
@@ -178,8 +179,14 @@ def test_launcher_refuses_a_capped_run_into_the_results(tmp_path):
     assert not os.path.exists(tmp_path / "docs")
 
 
-def test_figures_keep_variants_apart(tmp_path):
+def test_figures_keep_variants_apart(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    drawn = {}  # figure file -> the curves' labels
+
+    def record(fig, path):
+        drawn[os.path.basename(path)] = [line.get_label() for line in fig.axes[0].get_lines()
+                                         if not line.get_label().startswith("_")]
+    monkeypatch.setattr(reproduce, "save_figure", record)
     results = tmp_path / "results"
     (results / "histories").mkdir(parents=True)
     rows = [_row("ntk_dfl_grid", 0, 2, 40), _row("dfedavg", 0, None),
@@ -189,5 +196,7 @@ def test_figures_keep_variants_apart(tmp_path):
             "round,val_accuracy\n1,0.5\n2,0.86\n")
     names = [os.path.basename(p) for p in reproduce.plot(str(results), rows)]
     assert names == ["accuracy_a0.1.png", "accuracy_variants.png"]
+    assert drawn == {"accuracy_a0.1.png": ["ntk_dfl_grid", "dfedavg"],
+                     "accuracy_variants.png": ["ntk_dfl_grid", "ntk_dfl_grid_rkc"]}
     assert [os.path.basename(p) for p in reproduce.plot(str(results), rows[:2])] == [
         "accuracy_a0.1.png"]

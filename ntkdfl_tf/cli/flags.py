@@ -50,7 +50,7 @@ _HELP = {
                   "evaluated) or early_stop (each client stops once its candidates' real loss "
                   "rose for two taus in a row; a client batch stops when all its clients have).",
     "local_learning_rate": "Baselines: local SGD learning rate.",
-    "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines: local epochs.",
+    "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines (D-PSGD included): local epochs.",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",
     "sparsity": "DisPFL: share of each client's weights its sparse mask leaves out (0.5).",
     "dropout": "Probability that a client sits out a round (neither sends nor updates).",
