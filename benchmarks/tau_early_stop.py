@@ -2,8 +2,9 @@
 
     python benchmarks/tau_early_stop.py --clients=100 --rounds=3
 
-Trains NTK-DFL with the full tau grid (paper_fast's NTK-DFL settings by default: m = 6 slices,
-client batches of 30 under XLA, the default grid) and, for every client, slice and round, applies
+Trains NTK-DFL with the full tau grid (by default ``common.define_setting_flags``' settings:
+m = 6 slices, 5 clients per call under XLA, the dopri5 flow, the default grid) and, for every
+client, slice and round, applies
 the early-stop rule to the full search's per-candidate real losses: where the client would stop
 (its loss risen at two consecutive candidates) and the argmin up to there. Each client's flow
 steps and candidates are the same under both searches (tests/test_ntkdfl.py), so this is what
