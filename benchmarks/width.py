@@ -4,10 +4,9 @@
     python benchmarks/width.py --widths=10,50,100,200,400 --clients=30 --rounds=3
     python benchmarks/width.py --widths=10,50 --clients=6 --rounds=2   # smoke run
 
-For each hidden width w (ascending), trains the MLP 784-w-10 with NTK-DFL in the paper_fast
-settings of ``common.define_setting_flags`` (Jacobian batching m = 6, 5 clients per call,
-XLA-compiled dopri5 flow, kernel
-"auto" = the closed-form dense kernel) on Fashion-MNIST (Dirichlet alpha = 0.1, 200 samples per
+For each hidden width w (ascending), trains the MLP 784-w-10 with NTK-DFL in the settings of
+``common.define_setting_flags`` (Jacobian batching m = 6, 5 clients per call, XLA-compiled
+dopri5 flow, kernel "auto" = the closed-form dense kernel) on Fashion-MNIST (Dirichlet alpha = 0.1, 200 samples per
 client, random kappa = 5 regular graph, seed 0, the same partition and graphs for every width)
 and prints one JSON line:
 
