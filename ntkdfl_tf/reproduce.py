@@ -32,6 +32,7 @@ part's results can be committed as they arrive. A killed part resumes: finished 
 skipped (they are in runs.csv), an unfinished one continues from its checkpoint.
 """
 
+import collections
 import dataclasses
 import os
 import shutil
@@ -365,8 +366,7 @@ def tables(rows):
     """
     rows = [{k: str(v) for k, v in r.items()} for r in rows]
     out = []
-    main = [r for r in rows if r["num_neighbors"] == "5" and r["topology"] == "random" and
-            r["per_round_averaging"] == "1"]
+    main = _main_rows(rows)
     for alpha, title in (("0.1", "α = 0.1 (seeds 0, 1, 2)"), ("0.5", "α = 0.5 (seed 0)"),
                          ("iid", "IID (seed 0)")):
         mine = [r for r in main if _alpha_key(r["alpha"]) == alpha]
@@ -404,11 +404,17 @@ def tables(rows):
     return "\n".join(out + _parts_table(rows))
 
 
+def _main_rows(rows):
+    """The rows of the main setting: kappa = 5 on the redrawn graph, with averaging."""
+    return [r for r in rows if r["num_neighbors"] == "5" and r["topology"] == "random" and
+            r["per_round_averaging"] == "1"]
+
+
 def _variant_rows(setting_rows):
     """The tau-grid variants' rows and the default run's at the same seeds.
 
     Args:
-        setting_rows: runs.csv rows at kappa = 5 on the redrawn graph with averaging.
+        setting_rows: ``_main_rows``' rows.
 
     Returns:
         The rows at alpha = 0.1 by seed, then in ``VARIANTS``' order with the default first.
@@ -434,9 +440,8 @@ def _parts_table(rows):
         mine = [r for r in rows if r.get("part") == p]
         hours = sum(max(float(r.get("wall_seconds") or 0), float(r.get("train_seconds") or 0))
                     for r in mine) / 3600
-        labels = [r["label"] for r in mine]
-        named = [x + (f" ×{labels.count(x)}" if labels.count(x) > 1 else "")
-                 for x in dict.fromkeys(labels)]
+        counts = collections.Counter(r["label"] for r in mine)  # first-seen order
+        named = [x + (f" ×{n}" if n > 1 else "") for x, n in counts.items()]
         out.append(f"| {p} | {', '.join(named)} | {hours:.2f} |")
     return out + [""]
 
@@ -463,8 +468,7 @@ def plot(results, rows):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    main = [r for r in rows if r["num_neighbors"] == "5" and r["topology"] == "random" and
-            r["per_round_averaging"] == "1" and r["seed"] == "0"]
+    main = [r for r in _main_rows(rows) if r["seed"] == "0"]
     algorithms = [label for label, _, _ in ALGORITHMS]
     figures = [(f"accuracy_a{alpha}.png", [r for r in main if _alpha_key(r["alpha"]) == alpha
                                            and r["label"] in algorithms],
