@@ -145,3 +145,16 @@ def test_momentum_skips_empty_batches(small_fashion):
     expected = _sgd_reference(w0, clients.x[1, :3].astype(np.float32), clients.y[1, :3], 0.05, 1)
     for got, want in zip(trainer.client_weights, expected):
         np.testing.assert_allclose(got.numpy()[1], want, rtol=1e-4, atol=1e-6)
+
+
+def test_local_steps_reaches_the_baselines_from_the_configuration():
+    """--local_steps=1 gives Lian et al.'s one-step D-PSGD: one batch per round, not an epoch."""
+    from ntkdfl_tf import experiment
+
+    def steps(**fields):
+        alg = experiment.make_algorithm(experiment.Config(algorithm="dpsgd", **fields))
+        return alg.schedule(np.array([200, 120]), 200, np.random.default_rng(0)).shape[0]
+
+    assert steps() == 20  # one epoch of ceil(200 / 10) batches
+    assert steps(local_steps=1) == 1
+    assert steps(local_steps=3) == 3
