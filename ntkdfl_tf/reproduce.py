@@ -7,10 +7,12 @@ now takes rkc),
 trained until the aggregate reaches 85% test accuracy or a round cap (NTK-DFL 40, baselines
 250). Parts (``PARTS``):
 
-- ``a0.1_s0``, ``a0.1_s1``, ``a0.1_s2``: alpha = 0.1, seeds 0, 1, 2; every algorithm
-  (``ALGORITHMS``: NTK-DFL with the tau grid and with tau = 100, DFedAvg, DFedAvgM, D-PSGD,
-  DFedSAM, DisPFL);
+- ``a0.1_s0``, ``a0.1_s1``, ``a0.1_s2``: alpha = 0.1, seeds 0, 1, 2; NTK-DFL with the tau
+  grid and with tau = 100, DFedAvg, DFedAvgM, D-PSGD;
 - ``a0.5``, ``iid``: the same algorithms at alpha = 0.5 and on an IID split, seed 0;
+- ``<setting>_dispfl_dfedsam`` for each of those five settings: DisPFL and DFedSAM
+  (``CAPPED_LABELS``), which at alpha = 0.1 run to the 250-round cap, in parts of their own so
+  that every part fits in two hours here;
 - ``kappa``: kappa = 2 and 10 at alpha = 0.1 (kappa = 5 is ``a0.1_s0``), NTK-DFL (tau grid)
   and DFedAvg;
 - ``ablations``: a static ring against the redrawn graph (NTK-DFL and DFedAvg), and NTK-DFL
@@ -71,7 +73,13 @@ FLOWS_ALL_SEEDS = ("ntk_dfl_grid_rkc",)
 UNBATCHED = (("ntk_dfl_grid_m1", "ntk_dfl", {"jacobian_batches": 1}),)
 VARIANTS = FLOWS + UNBATCHED
 LABELS = tuple(label for label, _, _ in ALGORITHMS + VARIANTS)
-PARTS = ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid", "kappa", "ablations", "flows",
+# The full settings, each a part without and a part with CAPPED_LABELS.
+SETTINGS = {"a0.1_s0": dict(alpha=0.1, seed=0), "a0.1_s1": dict(alpha=0.1, seed=1),
+            "a0.1_s2": dict(alpha=0.1, seed=2), "a0.5": dict(alpha=0.5, seed=0),
+            "iid": dict(partition="iid", seed=0)}
+CAPPED_LABELS = ("dispfl", "dfedsam")
+CAPPED_SUFFIX = "_dispfl_dfedsam"
+PARTS = (*(p for s in SETTINGS for p in (s, s + CAPPED_SUFFIX)), "kappa", "ablations", "flows",
          "unbatched")
 QUICK = ("ntk_dfl_grid_a0.1_k5_s0", "ntk_dfl_tau100_a0.1_k5_s0", "dfedavg_a0.1_k5_s0")
 QUICK_LEAVES_OUT = ("DFedAvgM, D-PSGD, DisPFL and DFedSAM; seeds 1 and 2; alpha = 0.5 and IID; "
@@ -138,12 +146,12 @@ def _setting(part, base, logdir, max_rounds, labels=None, variants=ALGORITHMS, *
 
 
 def _part_runs(part, base, logdir, max_rounds):
-    if part in ("a0.1_s0", "a0.1_s1", "a0.1_s2"):
-        return _setting(part, base, logdir, max_rounds, alpha=0.1, seed=int(part[-1]))
-    if part == "a0.5":
-        return _setting(part, base, logdir, max_rounds, alpha=0.5, seed=0)
-    if part == "iid":
-        return _setting(part, base, logdir, max_rounds, partition="iid", seed=0)
+    if part in SETTINGS:
+        fast = [label for label, _, _ in ALGORITHMS if label not in CAPPED_LABELS]
+        return _setting(part, base, logdir, max_rounds, fast, **SETTINGS[part])
+    if part.endswith(CAPPED_SUFFIX):
+        return _setting(part, base, logdir, max_rounds, CAPPED_LABELS,
+                        **SETTINGS[part[:-len(CAPPED_SUFFIX)]])
     pair = ("ntk_dfl_grid", "dfedavg")
     if part == "kappa":
         return [r for k in (2, 10) for r in _setting(part, base, logdir, max_rounds, pair,

@@ -42,8 +42,14 @@ def test_plan_covers_the_issue_table(tmp_path, monkeypatch):
         assert r.config.logdir == os.path.join(str(tmp_path), r.name)
     tau100 = [r for r in todo if r.label == "ntk_dfl_tau100"]
     assert {r.config.taus for r in tau100} == {(100,)}
-    iid = [r for r in todo if r.part == "iid"]
-    assert {r.config.partition for r in iid} == {"iid"}
+    iid = [r for r in todo if r.part.startswith("iid")]
+    assert {r.config.partition for r in iid} == {"iid"} and len(iid) == 7
+    # DisPFL and DFedSAM, the runs that go to the 250-round cap, have a part per setting
+    for setting in ("a0.1_s0", "a0.1_s1", "a0.1_s2", "a0.5", "iid"):
+        assert [r.label for r in todo if r.part == setting + "_dispfl_dfedsam"] == [
+            "dispfl", "dfedsam"]
+        assert [r.label for r in todo if r.part == setting] == [
+            "ntk_dfl_grid", "ntk_dfl_tau100", "dfedavg", "dfedavgm", "dpsgd"]
     assert sorted(r.config.seed for r in todo if r.label == "dfedavg" and r.part[:4] == "a0.1"
                   ) == [0, 1, 2]
 
@@ -57,7 +63,8 @@ def test_quick_and_bad_arguments(tmp_path, one_line_error):
     one_line_error(reproduce.runs, ["a0.2"], base, "x", names=("a0.2", "a0.1_s0"))
     one_line_error(reproduce.runs, ["iid"], base, "x", True, names=("--quick", "a0.1_s0"))
     one_line_error(reproduce.runs, ["iid"], base, "x", False, 0, names=("max_rounds=0",))
-    chosen = reproduce.runs(["a0.5", "iid"], base, str(tmp_path), labels=["dfedavg", "dispfl"])
+    chosen = reproduce.runs(["a0.5", "a0.5_dispfl_dfedsam", "iid", "iid_dispfl_dfedsam"], base,
+                            str(tmp_path), labels=["dfedavg", "dispfl"])
     assert [r.name for r in chosen] == ["dfedavg_a0.5_k5_s0", "dispfl_a0.5_k5_s0",
                                         "dfedavg_aiid_k5_s0", "dispfl_aiid_k5_s0"]
     one_line_error(reproduce.runs, ["iid"], base, "x", False, None, ["fedavg"],

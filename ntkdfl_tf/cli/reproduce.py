@@ -1,7 +1,9 @@
 """The paper's table at the paper's scale (ntkdfl_tf.reproduce), one part at a time:
 
     python launchers/reproduce.py --quick                 # NTK-DFL (grid, tau = 100), DFedAvg
-    python launchers/reproduce.py --part=a0.1_s0          # alpha = 0.1, seed 0, every algorithm
+    python launchers/reproduce.py --part=a0.1_s0          # alpha = 0.1, seed 0: NTK-DFL (grid,
+                                                          # tau = 100), DFedAvg(M), D-PSGD
+    python launchers/reproduce.py --part=a0.1_s0_dispfl_dfedsam   # the same setting's others
     python launchers/reproduce.py --part=a0.1_s1,a0.1_s2,a0.5,iid,kappa,ablations,flows,unbatched
     python launchers/reproduce.py --part=a0.5,iid --labels=ntk_dfl_grid,dfedavg  # cheap rows first
 
