@@ -190,7 +190,7 @@ def runs(parts, base, logdir, quick=False, max_rounds=None, labels=None):
 
     Raises:
         ValueError: an unknown part or label, ``quick`` with parts that hold none of
-            ``QUICK``, or labels that leave no run.
+            ``QUICK``, or a label that none of the parts' runs has.
     """
     if labels is not None:
         unknown = [x for x in labels if x not in LABELS]
@@ -212,10 +212,14 @@ def runs(parts, base, logdir, quick=False, max_rounds=None, labels=None):
             raise ValueError(f"--quick runs {', '.join(QUICK)}, all in part a0.1_s0; drop "
                              f"--part or include a0.1_s0.")
     if labels is not None:
+        absent = [x for x in labels if all(r.label != x for r in out)]
+        if absent:  # e.g. dispfl asked of a0.5, whose DisPFL run is in a0.5_dispfl_dfedsam
+            holders = [p for p in PARTS if any(r.label == absent[0]
+                                               for r in _part_runs(p, base, logdir, cap))]
+            raise ValueError(f"parts {', '.join(parts)} hold no run labelled {absent[0]!r}; "
+                             f"it is in part(s) {', '.join(holders)}: add one to --part or "
+                             f"drop the label.")
         out = [r for r in out if r.label in labels]
-        if not out:
-            raise ValueError(f"parts {', '.join(parts)} hold no run labelled "
-                             f"{', '.join(labels)}; drop --labels or choose other parts.")
     return out
 
 

@@ -70,7 +70,10 @@ def test_quick_and_bad_arguments(tmp_path, one_line_error):
     one_line_error(reproduce.runs, ["iid"], base, "x", False, None, ["fedavg"],
                    names=("'fedavg'", "dfedavg"))
     one_line_error(reproduce.runs, ["iid"], base, "x", False, None, ["ntk_dfl_grid_exact"],
-                   names=("ntk_dfl_grid_exact", "--labels"))
+                   names=("ntk_dfl_grid_exact", "flows", "--part"))
+    # a label the parts lack is named with the part that has it, even beside ones they hold
+    one_line_error(reproduce.runs, ["a0.5"], base, "x", False, None, ["dfedavg", "dispfl"],
+                   names=("'dispfl'", "a0.5_dispfl_dfedsam"))
 
 
 def _run(label="dfedavg", **overrides):

@@ -5,6 +5,7 @@
                                                           # tau = 100), DFedAvg(M), D-PSGD
     python launchers/reproduce.py --part=a0.1_s0_dispfl_dfedsam   # the same setting's others
     python launchers/reproduce.py --part=a0.1_s1,a0.1_s2,a0.5,iid,kappa,ablations,flows,unbatched
+    python launchers/reproduce.py --part=a0.1_s1_dispfl_dfedsam,a0.5_dispfl_dfedsam  # and so on
     python launchers/reproduce.py --part=a0.5,iid --labels=ntk_dfl_grid,dfedavg  # cheap rows first
 
 Checkpoints go to --logdir; runs.csv, histories/, tables.md and the figures to --results_dir,
