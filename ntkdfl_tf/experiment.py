@@ -58,7 +58,7 @@ class Config:
     local_learning_rate: float = None
     batch_size: int = None
     local_epochs: int = None
-    local_steps: int = None  # a fixed number of local steps instead of epochs (D-PSGD's original: 1)
+    local_steps: int = None  # fixed local steps instead of epochs (D-PSGD's original: 1)
     momentum: float = None
     sam_rho: float = None
     sparsity: float = None  # DisPFL: the share of weights each client's mask leaves out
@@ -152,7 +152,8 @@ def make_algorithm(cfg, **overrides):
                         jacobian_chunk=cfg.jacobian_chunk)
         return algorithms.NTKDFL(**{**settings, **overrides})
     local = {"learning_rate": cfg.local_learning_rate, "batch_size": cfg.batch_size,
-             "local_epochs": cfg.local_epochs, "local_steps": cfg.local_steps, "momentum": cfg.momentum, "sam_rho": cfg.sam_rho}
+             "local_epochs": cfg.local_epochs, "local_steps": cfg.local_steps,
+             "momentum": cfg.momentum, "sam_rho": cfg.sam_rho}
     if cfg.sparsity is not None:  # only DisPFL has masks
         local["sparsity"] = cfg.sparsity
     return algorithms.get(cfg.algorithm, **{k: v for k, v in local.items() if v is not None})

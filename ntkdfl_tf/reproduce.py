@@ -78,6 +78,7 @@ SETTINGS = {"a0.1_s0": dict(alpha=0.1, seed=0), "a0.1_s1": dict(alpha=0.1, seed=
             "a0.1_s2": dict(alpha=0.1, seed=2), "a0.5": dict(alpha=0.5, seed=0),
             "iid": dict(partition="iid", seed=0)}
 CAPPED_LABELS = ("dispfl", "dfedsam")
+UNCAPPED_LABELS = tuple(label for label, _, _ in ALGORITHMS if label not in CAPPED_LABELS)
 CAPPED_SUFFIX = "_dispfl_dfedsam"
 PARTS = (*(p for s in SETTINGS for p in (s, s + CAPPED_SUFFIX)), "kappa", "ablations", "flows",
          "unbatched")
@@ -147,8 +148,7 @@ def _setting(part, base, logdir, max_rounds, labels=None, variants=ALGORITHMS, *
 
 def _part_runs(part, base, logdir, max_rounds):
     if part in SETTINGS:
-        fast = [label for label, _, _ in ALGORITHMS if label not in CAPPED_LABELS]
-        return _setting(part, base, logdir, max_rounds, fast, **SETTINGS[part])
+        return _setting(part, base, logdir, max_rounds, UNCAPPED_LABELS, **SETTINGS[part])
     if part.endswith(CAPPED_SUFFIX):
         return _setting(part, base, logdir, max_rounds, CAPPED_LABELS,
                         **SETTINGS[part[:-len(CAPPED_SUFFIX)]])
@@ -206,11 +206,6 @@ def runs(parts, base, logdir, quick=False, max_rounds=None, labels=None):
                          f"{ROUND_CAPS} and {BASELINE_ROUND_CAP}).")
     cap = max_rounds or BASELINE_ROUND_CAP
     out = [r for part in parts for r in _part_runs(part, base, logdir, cap)]
-    if quick:
-        out = [r for r in out if r.name in QUICK]
-        if not out:
-            raise ValueError(f"--quick runs {', '.join(QUICK)}, all in part a0.1_s0; drop "
-                             f"--part or include a0.1_s0.")
     if labels is not None:
         absent = [x for x in labels if all(r.label != x for r in out)]
         if absent:  # e.g. dispfl asked of a0.5, whose DisPFL run is in a0.5_dispfl_dfedsam
@@ -220,6 +215,11 @@ def runs(parts, base, logdir, quick=False, max_rounds=None, labels=None):
                              f"it is in part(s) {', '.join(holders)}: add one to --part or "
                              f"drop the label.")
         out = [r for r in out if r.label in labels]
+    if quick:
+        out = [r for r in out if r.name in QUICK]
+        if not out:
+            raise ValueError(f"--quick runs {', '.join(QUICK)}, all in part a0.1_s0; drop "
+                             f"--part or include a0.1_s0, and keep one of their labels.")
     return out
 
 

@@ -74,6 +74,9 @@ def test_quick_and_bad_arguments(tmp_path, one_line_error):
     # a label the parts lack is named with the part that has it, even beside ones they hold
     one_line_error(reproduce.runs, ["a0.5"], base, "x", False, None, ["dfedavg", "dispfl"],
                    names=("'dispfl'", "a0.5_dispfl_dfedsam"))
+    # labels that keep none of --quick's runs: the --quick error, not the part's
+    one_line_error(reproduce.runs, ["a0.1_s0"], base, "x", True, None, ["dfedavgm"],
+                   names=("--quick", "labels"))
 
 
 def _run(label="dfedavg", **overrides):

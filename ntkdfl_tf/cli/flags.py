@@ -50,7 +50,8 @@ _HELP = {
                   "evaluated) or early_stop (each client stops once its candidates' real loss "
                   "rose for two taus in a row; a client batch stops when all its clients have).",
     "local_learning_rate": "Baselines: local SGD learning rate.",
-    "batch_size": "Baselines: local batch size.", "local_epochs": "Baselines (D-PSGD included): local epochs.",
+    "batch_size": "Baselines: local batch size.",
+    "local_epochs": "Baselines (D-PSGD included): local epochs.",
     "local_steps": "Baselines: a fixed number of local steps per round instead of "
                    "--local_epochs (1 with --algorithm=dpsgd: Lian et al.'s one-step D-PSGD).",
     "momentum": "DFedAvgM: momentum.", "sam_rho": "DFedSAM: SAM radius.",
