@@ -19,6 +19,7 @@ import numpy as np
 from ntkdfl_tf import algorithms, callbacks, data, defences, executors, models, protocol, \
     topology
 from ntkdfl_tf import faults as faults_lib
+from ntkdfl_tf.errors import DivergenceError
 from ntkdfl_tf.io import atomic_open
 from ntkdfl_tf.trainer import DecentralizedTrainer, stream_rng
 
@@ -344,10 +345,15 @@ def run(cfg, dataset=None):
         print(f"{cfg.algorithm}: {cfg.num_clients} clients ({cfg.partition}, alpha={cfg.alpha}), "
               f"{cfg.topology} topology, {cfg.rounds} rounds on {cfg.dataset}; "
               f"{int(clients.counts.sum())} training samples.", flush=True)
-    history = trainer.fit(clients, rounds=cfg.rounds, validation_data=(x_test, y_test),
-                          callbacks=cbs, verbose=cfg.verbose,
-                          client_metrics_every=cfg.client_metrics_every,
-                          stop_at_accuracy=cfg.stop_at_accuracy or None)
+    try:
+        history = trainer.fit(clients, rounds=cfg.rounds, validation_data=(x_test, y_test),
+                              callbacks=cbs, verbose=cfg.verbose,
+                              client_metrics_every=cfg.client_metrics_every,
+                              stop_at_accuracy=cfg.stop_at_accuracy or None)
+    except DivergenceError as e:  # name the flag that sets the rate the message gives
+        flag = "learning_rate" if cfg.algorithm == "ntk_dfl" else "local_learning_rate"
+        raise DivergenceError(f"{e} Set it with --{flag}.", round=e.round,
+                              clients=e.clients) from e
     if final.selected_clients is not None and trainer.byzantine_clients is not None:
         # who the saved model averages, and which of them were Byzantine
         with atomic_open(os.path.join(cfg.logdir, "final_clients.json"), "w") as f:

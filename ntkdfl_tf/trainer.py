@@ -355,10 +355,12 @@ class DecentralizedTrainer:
         what = (f"client(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} have NaN/inf weights "
                 f"or weights beyond {DIVERGED_WEIGHT:g}"
                 if bad else f"the round's {', '.join(bad_logs)} is NaN/inf")
+        rate = getattr(self.algorithm, "learning_rate", None)
+        rate = "" if rate is None else f" (now {base.learning_rate_at(rate, r):g})"
         raise DivergenceError(
             f"{self.algorithm.name} diverged in round {r + 1}: {what}. Nothing of this round was "
-            f"kept (the last checkpoint, if any, is of round {r}); lower the learning rate.",
-            round=r + 1, clients=bad)
+            f"kept (the last checkpoint, if any, is of round {r}); lower the learning rate"
+            f"{rate}.", round=r + 1, clients=bad)
 
     # -- state --------------------------------------------------------------------------------
     def configuration(self):

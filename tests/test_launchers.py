@@ -46,6 +46,15 @@ def test_bad_flag_value_is_one_clear_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_divergence_is_one_line_naming_the_rate_and_its_flag(tmp_path):
+    out = _run("train.py", *TINY, "--algorithm=dfedavg", "--local_learning_rate=1e30",
+               f"--logdir={tmp_path}/logs", f"--save_dir={tmp_path}/models")
+    assert out.returncode != 0
+    assert "error: dfedavg diverged in round 1" in out.stderr, out.stderr[-3000:]
+    assert "lower the learning rate (now 1e+30). Set it with --local_learning_rate." in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_compare_writes_histories_summary_and_figures(tmp_path):
     out = _run("compare.py", *TINY, "--algorithms=ntk_dfl,dfedavg", "--target_accuracy=0.2",
                "--alphas=0.1,iid", f"--logdir={tmp_path}")
