@@ -356,7 +356,9 @@ class DecentralizedTrainer:
                 f"or weights beyond {DIVERGED_WEIGHT:g}"
                 if bad else f"the round's {', '.join(bad_logs)} is NaN/inf")
         rate = getattr(self.algorithm, "learning_rate", None)
-        rate = "" if rate is None else f" (now {base.learning_rate_at(rate, r):g})"
+        # the field's value in this round (DisPFL multiplies it by its own decay)
+        rate = ("" if rate is None else
+                f" (learning_rate {base.learning_rate_at(rate, r):g} in round {r + 1})")
         raise DivergenceError(
             f"{self.algorithm.name} diverged in round {r + 1}: {what}. Nothing of this round was "
             f"kept (the last checkpoint, if any, is of round {r}); lower the learning rate"

@@ -51,7 +51,8 @@ def test_divergence_is_one_line_naming_the_rate_and_its_flag(tmp_path):
                f"--logdir={tmp_path}/logs", f"--save_dir={tmp_path}/models")
     assert out.returncode != 0
     assert "error: dfedavg diverged in round 1" in out.stderr, out.stderr[-3000:]
-    assert "lower the learning rate (now 1e+30). Set it with --local_learning_rate." in out.stderr
+    assert ("lower the learning rate (learning_rate 1e+30 in round 1). Set it with "
+            "--local_learning_rate.") in out.stderr
     assert "Traceback" not in out.stderr
 
 
